@@ -1,0 +1,116 @@
+"""InternVL's dynamic-resolution tiling, bit-identical to the original `dynamic_preprocess` + ToTensor + Normalize.
+
+The image is resized (Pillow bicubic) to a grid of 448 px tiles whose aspect ratio best matches it, cut
+row-major, and followed by a 448x448 thumbnail of the whole image when there is more than one tile. Tiles stay
+uint8 until `normalize`, which is exact on any device because it is a lookup into a table computed on the CPU
+with the original's float32 operations.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+
+TILE_SIZE = 448
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@lru_cache(maxsize=64)
+def candidate_grids(max_num: int, min_num: int = 1) -> tuple[tuple[int, int], ...]:
+    """Every (cols, rows) with min_num <= cols*rows <= max_num, ordered as the original orders them.
+
+    The original sorts a set by area; CPython iterates small int tuples in a fixed order, so building the
+    same set and sorting it the same way reproduces its order among grids of equal area.
+    """
+    grids = {
+        (cols, rows)
+        for n in range(min_num, max_num + 1)
+        for cols in range(1, n + 1)
+        for rows in range(1, n + 1)
+        if min_num <= cols * rows <= max_num
+    }
+    return tuple(sorted(grids, key=lambda grid: grid[0] * grid[1]))
+
+
+def choose_grid(width: int, height: int, max_num: int, min_num: int = 1) -> tuple[int, int]:
+    """The (cols, rows) grid the original picks for a width x height image.
+
+    Closest aspect ratio wins; on an exact tie a later (larger) grid wins when the image area exceeds half
+    the grid's pixel area.
+    """
+    if max_num < 1 or min_num < 1 or min_num > max_num:
+        raise ValueError(f"need 1 <= min_num <= max_num, got min_num={min_num} max_num={max_num}")
+    aspect = width / height
+    area = width * height
+    best_diff = float("inf")
+    best = (1, 1)
+    for cols, rows in candidate_grids(max_num, min_num):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best_diff = diff
+            best = (cols, rows)
+        elif diff == best_diff and area > 0.5 * TILE_SIZE * TILE_SIZE * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def tile_count(width: int, height: int, max_num: int) -> int:
+    """How many tiles `tile_image` makes for this size: the grid, plus a thumbnail when the grid has >1 tile."""
+    cols, rows = choose_grid(width, height, max_num)
+    return cols * rows + (1 if cols * rows > 1 else 0)
+
+
+def tile_image(image: Image.Image, max_num: int) -> torch.Tensor:
+    """Tile an RGB image: uint8 tensor [n, 3, 448, 448], grid tiles row-major then the thumbnail (if n > 1)."""
+    if image.mode != "RGB":
+        raise ValueError(f"tile_image needs an RGB image, got mode {image.mode}; decode it with decode_image")
+    cols, rows = choose_grid(image.width, image.height, max_num)
+    grid_tiles = cols * rows
+    count = grid_tiles + (1 if grid_tiles > 1 else 0)
+    out = torch.empty((count, 3, TILE_SIZE, TILE_SIZE), dtype=torch.uint8)
+    resized = image.resize((TILE_SIZE * cols, TILE_SIZE * rows), Image.Resampling.BICUBIC)
+    # [rows*448, cols*448, 3] -> [rows, cols, 3, 448, 448]: one strided copy instead of crop + ToTensor per tile
+    pixels = _as_tensor(resized)
+    grid = pixels.view(rows, TILE_SIZE, cols, TILE_SIZE, 3).permute(0, 2, 4, 1, 3)
+    out[:grid_tiles].view(rows, cols, 3, TILE_SIZE, TILE_SIZE).copy_(grid)
+    if grid_tiles > 1:
+        thumbnail = image.resize((TILE_SIZE, TILE_SIZE), Image.Resampling.BICUBIC)
+        out[grid_tiles].copy_(_as_tensor(thumbnail).permute(2, 0, 1))
+    return out
+
+
+def _as_tensor(image: Image.Image) -> torch.Tensor:
+    """HWC uint8 view of a PIL image; numpy marks it read-only, and we only ever read it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(image))
+
+
+@lru_cache(maxsize=1)
+def _normalization_table() -> torch.Tensor:
+    """[3, 256] float32: (v/255 - mean[c]) / std[c] with torchvision's exact float32 ops, computed on the CPU.
+
+    On CUDA a division by a scalar is a multiplication by its reciprocal (not bit-identical), so the GPU
+    never divides: it only looks values up in this table.
+    """
+    values = torch.arange(256, dtype=torch.uint8).float().div(255).expand(3, 256).clone()
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1)
+    return values.sub_(mean).div_(std)
+
+
+def normalize(tiles: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 tiles [n, 3, H, W] -> ImageNet-normalized [n, 3, H, W] on the tiles' device, bit-identical to
+    ToTensor + Normalize in float32 (then cast to `dtype`, as the original casts pixel_values to the model)."""
+    if tiles.dtype != torch.uint8 or tiles.dim() != 4 or tiles.shape[1] != 3:
+        raise ValueError(f"normalize needs uint8 tiles [n, 3, H, W], got {tiles.dtype} {tuple(tiles.shape)}")
+    table = _normalization_table().to(tiles.device)
+    # Flat index c*256 + v picks channel c's entry for value v.
+    offsets = torch.arange(0, 3 * 256, 256, device=tiles.device, dtype=torch.int32).view(1, 3, 1, 1)
+    normalized = table.view(-1)[tiles.int() + offsets]
+    return normalized if dtype == torch.float32 else normalized.to(dtype)
