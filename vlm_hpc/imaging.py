@@ -48,8 +48,10 @@ def decode_image(data: bytes | None, max_pixels: int = MAX_PIXELS) -> DecodedIma
             opened = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageRejected("too_many_pixels", str(exc)) from None
+    except Image.UnidentifiedImageError:
+        raise ImageRejected("undecodable", "not in any image format Pillow can read") from None
     except Exception as exc:  # Pillow raises many types for garbage input
-        raise ImageRejected("undecodable", f"not an image Pillow can open ({type(exc).__name__}: {exc})") from None
+        raise ImageRejected("undecodable", f"unreadable image header ({type(exc).__name__}: {exc})") from None
     width, height = opened.size
     if width * height > max_pixels:
         raise ImageRejected(

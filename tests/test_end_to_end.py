@@ -1,0 +1,89 @@
+"""Image bytes to captions, against the original `batch_chat`: greedy ids and texts, batched and one by one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import GOLDEN, load_golden
+from vlm_hpc.engine import CaptionEngine, GenerationSettings
+from vlm_hpc.imaging import decode_image
+from vlm_hpc.tiling import tile_image
+
+E2E = load_golden("e2e_golden.json")
+RUNS = [("batch", E2E["batch"], None), ("english_system_message", E2E["batch_v15_english_system_message"],
+        E2E["batch_v15_english_system_message"]["system_message"])]
+RUNS += [(f"one_by_one-{run['keys'][0]}", run, None) for run in E2E["batch_size_1"]]
+
+
+@pytest.fixture(scope="module")
+def engine(golden_model_dir: Path) -> CaptionEngine:
+    settings = GenerationSettings(**E2E["generation_config"])
+    return CaptionEngine.from_folder(golden_model_dir, dtype="float32", device="cpu", settings=settings)
+
+
+def tiles_for(keys: list[str], golden_images: dict[str, bytes]) -> list[torch.Tensor]:
+    return [tile_image(decode_image(golden_images[key]).image, E2E["max_num"]) for key in keys]
+
+
+@pytest.mark.parametrize(("name", "run", "system_message"), RUNS, ids=[r[0] for r in RUNS])
+def test_captions_equal_the_originals(name: str, run: dict, system_message: str | None, engine: CaptionEngine,
+                                      golden_images: dict[str, bytes]) -> None:
+    engine.system_message = system_message or E2E["model_facts"]["system_message"]
+    tiles = tiles_for(run["keys"], golden_images)
+    assert [t.shape[0] for t in tiles] == run["image_counts"]
+    assert [engine.prompt(t.shape[0]) for t in tiles] == run["prompts"]
+    batch = engine.tokenizer.encode_batch(run["prompts"])
+    assert batch.input_ids == run["input_ids"] and batch.attention_mask == run["attention_mask"]
+    captions = engine.caption(tiles)
+    assert [c.token_ids for c in captions] == run["new_token_ids"]
+    assert [c.text for c in captions] == run["responses"]
+    # first-step logits at the last prompt position, the quantity the original's scores recorded
+    with torch.no_grad():
+        from vlm_hpc.tiling import normalize
+        logits = engine.model(input_ids=torch.tensor(batch.input_ids), attention_mask=torch.tensor(batch.attention_mask),
+                              pixel_values=normalize(torch.cat(tiles))).logits[:, -1]
+    assert (logits - torch.tensor(run["step0_full_logits"])).abs().max() < 1e-4
+
+
+def test_system_message_default_is_what_the_original_used(engine: CaptionEngine) -> None:
+    assert E2E["model_facts"]["num_image_token"] == engine.num_image_token
+
+
+def test_sampling_is_reproducible_with_a_seed(engine: CaptionEngine, golden_images: dict[str, bytes]) -> None:
+    tiles = tiles_for(E2E["batch"]["keys"][:2], golden_images)
+    sampled = GenerationSettings(do_sample=True, max_new_tokens=6, seed=7)
+    first = [c.token_ids for c in engine.caption(tiles, sampled)]
+    assert first == [c.token_ids for c in engine.caption(tiles, sampled)]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlm_hpc.caption", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_caption_cli_prints_one_json_line_per_image(golden_model_dir: Path, tmp_path: Path) -> None:
+    images = [str(GOLDEN / "images" / f"{key}.png") for key in E2E["batch"]["keys"]]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    result = run_cli("--model", str(golden_model_dir), "--greedy", "--max-num", "6", "--max-new-tokens", "12",
+                     "--batch-size", "3", "--dtype", "float32", "--device", "cpu", *images[:2], str(broken), *images[2:])
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["image"] for line in lines] == images[:2] + [str(broken)] + images[2:]
+    good = [line for line in lines if "caption" in line]
+    assert [line["caption"] for line in good] == E2E["batch"]["responses"]
+    assert [line["token_ids"] for line in good] == E2E["batch"]["new_token_ids"]
+    assert [line["tiles"] for line in good] == E2E["batch"]["image_counts"]
+    assert lines[2]["reason"] == "undecodable"
+    assert result.returncode == 1  # one image failed
+
+
+def test_caption_cli_missing_model_is_one_line(tmp_path: Path) -> None:
+    result = run_cli("--model", str(tmp_path / "missing"), "x.png")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: model:")
