@@ -2,8 +2,8 @@
 
     python benchmarks/make_images.py DIR [--count 60] [--seed 1234]
 
-What it contains (for the default 60 images; other counts keep the special images first and fill the rest
-with web-sized ones):
+What it contains (for the default 60 images; a smaller count keeps an evenly spaced subset of the special
+images, a larger one adds more web-sized images):
 * "web" images, long side 300-1024 px, aspect 1:2 to 2:1, about a third portrait. This is most of a
   web-crawled corpus, and it sets the median cost.
 * a few big ones: 4K 3840x2160, 12 MP 4032x3024, 1920x1080 (landscape and portrait), 1280x720, 1600x1200.
@@ -68,9 +68,19 @@ SPECIAL_SPECS: tuple[ImageSpec, ...] = (
 )
 
 
+DEFAULT_COUNT = 60
+
+
 def plan_corpus(count: int, rng: np.random.Generator) -> list[ImageSpec]:
-    """The specials first (cut to `count`), then web-sized photo/graphic images (3 photos to 1 graphic)."""
-    specs = list(SPECIAL_SPECS[:count])
+    """The specials first, then web-sized photo/graphic images (3 photos to 1 graphic).
+
+    Below the default count an evenly spaced subset of the specials is kept, so that a small corpus has
+    about the same share of big and odd images as the default one."""
+    if count >= DEFAULT_COUNT:
+        specs = list(SPECIAL_SPECS)
+    else:
+        keep = max(1, round(count * len(SPECIAL_SPECS) / DEFAULT_COUNT))
+        specs = [SPECIAL_SPECS[i] for i in np.linspace(0, len(SPECIAL_SPECS) - 1, keep).round().astype(int)]
     while len(specs) < count:
         long_side = int(rng.integers(300, 1025))
         aspect = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))  # width/height, log-uniform in [1/2, 2]
@@ -181,7 +191,7 @@ def write_corpus(directory: Path, count: int, seed: int) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, help="output folder (created if missing)")
-    parser.add_argument("--count", type=int, default=60, help="number of images (default 60)")
+    parser.add_argument("--count", type=int, default=DEFAULT_COUNT, help=f"number of images (default {DEFAULT_COUNT})")
     parser.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
     args = parser.parse_args(argv)
     if args.count < 1:

@@ -6,11 +6,12 @@ with the pad id, responses decoded with skip_special_tokens, cut at a literal `<
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, InternVLForConditionalGeneration
+from transformers import GenerationConfig, InternVLForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
 
 from vlm_hpc.model import inspect_model_folder, load_model
 from vlm_hpc.prompt import CAPTION_QUESTION, STOP_TOKEN, build_prompt
@@ -49,6 +50,17 @@ class Caption:
     stopped: bool  # False when it ran into max_new_tokens
 
 
+class _PollDuringGeneration(StoppingCriteria):
+    """Runs a callback after every decoding step; the callback raises to abandon the batch."""
+
+    def __init__(self, poll: Callable[[], None]) -> None:
+        self.poll = poll
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        self.poll()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 class CaptionEngine:
     """A loaded model and tokenizer that turn lists of uint8 tile tensors into captions."""
 
@@ -81,8 +93,10 @@ class CaptionEngine:
         return build_prompt(self.question, num_tiles, self.system_message, self.num_image_token)
 
     @torch.inference_mode()
-    def caption(self, tiles: list[torch.Tensor], settings: GenerationSettings | None = None) -> list[Caption]:
-        """Caption a batch of images, each given as uint8 tiles [n_i, 3, 448, 448]."""
+    def caption(self, tiles: list[torch.Tensor], settings: GenerationSettings | None = None,
+                poll: Callable[[], None] | None = None) -> list[Caption]:
+        """Caption a batch of images, each given as uint8 tiles [n_i, 3, 448, 448]; `poll` runs after every
+        decoding step and may raise to abandon the batch."""
         if not tiles:
             return []
         settings = settings or self.settings
@@ -96,6 +110,7 @@ class CaptionEngine:
         output = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
             generation_config=settings.generation_config(self.stop_id, self.tokenizer.pad_id, self.tokenizer.bos_id),
+            stopping_criteria=StoppingCriteriaList([_PollDuringGeneration(poll)]) if poll else None,
         )
         new_tokens = output[:, input_ids.shape[1]:].tolist()
         return [self._finish(row) for row in new_tokens]

@@ -1,0 +1,626 @@
+"""CPU cost of image preprocessing: the original (seed) pipeline against vlm_hpc's, on the same images.
+
+    python benchmarks/preprocess.py --images DIR [--max-num 9] [--repeats 3] [--threads 1]
+                                    [--json PATH] [--stages] [--golden tests/fixtures/golden/tiling_golden.json]
+
+What it measures
+* REFERENCE: the seed's steps, re-written here from their semantics (`reference_preprocess`): ROVI's
+  `process_types_of_img` (PIL open; RGBA/LA/RGBa/La/CMYK and P-with-transparency are blended onto white in
+  float64 numpy, everything else `convert('RGB')`), InternVL's `dynamic_preprocess` (closest-aspect grid, one
+  default-filter resize, row-major crops, a 448x448 resize thumbnail when there is more than one tile), then per
+  tile torchvision's ToTensor + Normalize (re-written with the same torch ops in the same order, because the
+  torchvision wheel does not import on CPU torch) and `torch.stack`.
+* OURS: `normalize(tile_image(decode_image(data).image, max_num))` from the package, and the same without
+  `normalize` ("uint8" line), which is what a worker does when the engine normalizes on the GPU.
+
+How
+1. Every *.png/*.jpg/*.jpeg/*.webp in DIR is read into memory first, so disk time is not measured.
+2. Both pipelines run once on every image and the float32 outputs are compared with `torch.equal`. This is
+   also the warm-up pass.
+3. Each pipeline makes `--repeats` full passes over all images, interleaved (reference, ours float32, ours
+   uint8, then again), so slow drifts of a shared machine hit all three alike. One torch thread, and the
+   process is pinned to one CPU, so images/s is per core. Per pass we record wall time and process CPU time;
+   CPU/wall well below 1 means another tenant took our core during that pass.
+4. Optional `--stages`: ms per image for each stage of both pipelines (where the time goes).
+   Optional `--golden`: sha256 of the reference's output against the golden file recorded by running the
+   original code, which shows that the reference here is the seed's pipeline.
+
+The last line printed is exactly `speedup X.XX identical=yes|no` (X.XX = reference / ours float32, medians).
+Exit status 0 when every image is bit-identical, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import hashlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import PIL
+import torch
+from PIL import Image, ImageFile
+
+from vlm_hpc.imaging import decode_image
+from vlm_hpc.tiling import normalize, tile_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+# The seed's constants (InternVL / ROVI).
+REFERENCE_TILE_SIZE = 448
+REFERENCE_MEAN = (0.485, 0.456, 0.406)
+REFERENCE_STD = (0.229, 0.224, 0.225)
+REFERENCE_BLENDED_MODES = ("RGBA", "LA", "RGBa", "La", "CMYK")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference: the seed's preprocessing, step by step. Each stage is its own function so --stages can time it.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def reference_truncation_setting() -> Iterator[None]:
+    """The seed sets PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True at import; scope it to the reference, so that
+    vlm_hpc's decoder runs with Pillow's default, as it does in production."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def reference_open(data: bytes) -> Image.Image:
+    """PIL open + decode. The seed decodes lazily inside `convert`; loading here only lets us time it apart."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def reference_mode_handling(image: Image.Image) -> Image.Image:
+    """ROVI's process_types_of_img after the open: blend transparency onto white in float64, else to RGB."""
+    if image.mode in REFERENCE_BLENDED_MODES or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+    else:
+        image = image.convert("RGB")  # a full copy even when the image is already RGB
+    if image.mode == "RGBA":
+        pixels = np.array(image)
+        alpha = pixels[:, :, 3, np.newaxis]
+        blended = alpha / 255 * pixels[..., :3] + 255 - alpha  # float64, in this operation order
+        image = Image.fromarray(np.rint(blended.clip(min=0, max=255)).astype(np.uint8), "RGB")
+    return image
+
+
+def reference_candidate_grids(max_num: int, min_num: int = 1) -> list[tuple[int, int]]:
+    """Every (cols, rows) with min_num <= cols*rows <= max_num: a set sorted by area, rebuilt per image as the seed does."""
+    grids = {
+        (cols, rows)
+        for n in range(min_num, max_num + 1)
+        for cols in range(1, n + 1)
+        for rows in range(1, n + 1)
+        if min_num <= cols * rows <= max_num
+    }
+    return sorted(grids, key=lambda grid: grid[0] * grid[1])
+
+
+def reference_closest_grid(width: int, height: int, grids: list[tuple[int, int]]) -> tuple[int, int]:
+    """Closest aspect ratio; on an exact tie, a later grid wins if the image area exceeds half the grid's area."""
+    aspect = width / height
+    area = width * height
+    best_diff = float("inf")
+    best = (1, 1)
+    for cols, rows in grids:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best_diff, best = diff, (cols, rows)
+        elif diff == best_diff and area > 0.5 * REFERENCE_TILE_SIZE * REFERENCE_TILE_SIZE * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def reference_grid(image: Image.Image, max_num: int) -> tuple[int, int]:
+    return reference_closest_grid(image.width, image.height, reference_candidate_grids(max_num))
+
+
+def reference_resize_to_grid(image: Image.Image, grid: tuple[int, int]) -> Image.Image:
+    """One resize to the whole grid, with PIL's default filter (BICUBIC for RGB in Pillow 13)."""
+    cols, rows = grid
+    return image.resize((REFERENCE_TILE_SIZE * cols, REFERENCE_TILE_SIZE * rows))
+
+
+def reference_crop_tiles(resized: Image.Image, grid: tuple[int, int]) -> list[Image.Image]:
+    """Tiles cut row-major with `crop`, as dynamic_preprocess does."""
+    cols, rows = grid
+    size = REFERENCE_TILE_SIZE
+    tiles = []
+    for index in range(cols * rows):
+        left, top = (index % cols) * size, (index // cols) * size
+        tiles.append(resized.crop((left, top, left + size, top + size)))
+    return tiles
+
+
+def reference_thumbnail(image: Image.Image) -> Image.Image:
+    """The seed's 'thumbnail' is a plain 448x448 resize of the whole image (aspect ratio not kept)."""
+    return image.resize((REFERENCE_TILE_SIZE, REFERENCE_TILE_SIZE))
+
+
+def reference_dynamic_preprocess(image: Image.Image, max_num: int) -> list[Image.Image]:
+    grid = reference_grid(image, max_num)
+    tiles = reference_crop_tiles(reference_resize_to_grid(image, grid), grid)
+    if len(tiles) != 1:
+        tiles.append(reference_thumbnail(image))
+    return tiles
+
+
+def reference_to_tensor(tile: Image.Image) -> torch.Tensor:
+    """torchvision's ToTensor on an 8-bit RGB PIL image: copy to HWC uint8, make it CHW, float32, / 255."""
+    pixels = torch.from_numpy(np.array(tile, np.uint8, copy=True))
+    pixels = pixels.view(tile.height, tile.width, len(tile.getbands()))
+    pixels = pixels.permute((2, 0, 1)).contiguous()
+    return pixels.to(dtype=torch.float32).div(255)
+
+
+def reference_normalize(tensor: torch.Tensor) -> torch.Tensor:
+    """torchvision's Normalize (not in place): clone, then sub_(mean) and div_(std) with float32 [3,1,1] tensors."""
+    tensor = tensor.clone()
+    mean = torch.as_tensor(REFERENCE_MEAN, dtype=tensor.dtype, device=tensor.device)
+    std = torch.as_tensor(REFERENCE_STD, dtype=tensor.dtype, device=tensor.device)
+    if (std == 0).any():  # torchvision checks this on every call; kept for the same cost
+        raise ValueError("std evaluated to zero")
+    return tensor.sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+
+
+def reference_tile_transform(tile: Image.Image) -> torch.Tensor:
+    # The seed's per-tile Compose also has Lambda(convert RGB if not RGB) and Resize((448, 448), BICUBIC).
+    # Tiles are already RGB and 448x448, and torchvision's resize returns its input unchanged when the size
+    # already matches, so both are no-ops; only ToTensor and Normalize do work.
+    return reference_normalize(reference_to_tensor(tile))
+
+
+def reference_preprocess(data: bytes, max_num: int) -> torch.Tensor:
+    """The seed's image bytes -> float32 pixel_values [n, 3, 448, 448]."""
+    with reference_truncation_setting(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. Pillow's warning for P images with a bytes alpha table
+        image = reference_mode_handling(reference_open(data))
+        tiles = reference_dynamic_preprocess(image, max_num)
+        return torch.stack([reference_tile_transform(tile) for tile in tiles])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ours: the package's implementation, called exactly as the caption worker calls it.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ours_preprocess(data: bytes, max_num: int) -> torch.Tensor:
+    """vlm_hpc: image bytes -> float32 pixel_values, normalized on the CPU."""
+    return normalize(tile_image(decode_image(data).image, max_num))
+
+
+def ours_preprocess_uint8(data: bytes, max_num: int) -> torch.Tensor:
+    """vlm_hpc as the engine uses it: uint8 tiles only; normalization happens later on the GPU."""
+    return tile_image(decode_image(data).image, max_num)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    run: Callable[[bytes, int], torch.Tensor]
+    output: str  # "float32": pixel_values; "uint8": tiles, checked through the package's exact `normalize`
+
+
+def pipelines(with_prototype: bool) -> list[Pipeline]:
+    """The timed pipelines; the reference comes first, every speedup is relative to it."""
+    chosen = [
+        Pipeline("reference", reference_preprocess, "float32"),
+        Pipeline("ours float32", ours_preprocess, "float32"),
+        Pipeline("ours uint8", ours_preprocess_uint8, "uint8"),
+    ]
+    if with_prototype:
+        import prototype_fast as proto  # benchmarks/ is on sys.path when this file is run as a script
+
+        chosen += [
+            Pipeline("proto norm f32", proto.prototype_preprocess_package_tiles, "float32"),
+            Pipeline("proto float32", proto.prototype_preprocess, "float32"),
+            Pipeline("proto uint8", proto.prototype_preprocess_uint8, "uint8"),
+        ]
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Corpus:
+    names: list[str]
+    blobs: list[bytes]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(len(blob) for blob in self.blobs)
+
+
+def load_corpus(directory: Path) -> Corpus:
+    """Every image file in `directory` (not recursive), sorted by name, read fully into memory."""
+    paths = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise SystemExit(f"no {'/'.join(IMAGE_SUFFIXES)} files in {directory}")
+    return Corpus(names=[p.name for p in paths], blobs=[p.read_bytes() for p in paths])
+
+
+@dataclass
+class Mismatch:
+    pipeline: str
+    image: str
+    reference_shape: list[int]
+    ours_shape: list[int]
+    max_abs_diff: float | None  # None when the shapes differ
+
+
+@dataclass
+class IdentityReport:
+    images: int
+    tiles: int = 0
+    identical: dict[str, int] = field(default_factory=dict)  # pipeline -> images bit-identical to the reference
+    mismatches: list[Mismatch] = field(default_factory=list)
+
+
+def check_identity(corpus: Corpus, max_num: int, chosen: list[Pipeline]) -> IdentityReport:
+    """Run every pipeline on every image and compare its float32 output with the reference's, bit for bit.
+
+    uint8 pipelines are compared after the package's `normalize`, which is exact (its own exhaustive check is
+    `check_normalize_exhaustively`). This pass is also the warm-up of every pipeline.
+    """
+    reference, others = chosen[0], chosen[1:]
+    report = IdentityReport(images=len(corpus.blobs), identical={p.name: 0 for p in others})
+    for image_name, blob in zip(corpus.names, corpus.blobs):
+        expected = reference.run(blob, max_num)
+        report.tiles += expected.shape[0]
+        for pipeline in others:
+            actual = pipeline.run(blob, max_num)
+            if pipeline.output == "uint8":
+                actual = normalize(actual)
+            if expected.dtype == actual.dtype and torch.equal(expected, actual):
+                report.identical[pipeline.name] += 1
+                continue
+            same_shape = expected.shape == actual.shape
+            diff = (expected.double() - actual.double()).abs().max().item() if same_shape else None
+            report.mismatches.append(
+                Mismatch(pipeline.name, image_name, list(expected.shape), list(actual.shape), diff)
+            )
+    return report
+
+
+def check_normalize_exhaustively(normalize_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """normalize_fn(uint8 tiles) == ToTensor + Normalize for all 3 x 256 (channel, value) inputs.
+
+    Normalization is element-wise, so these 768 inputs cover every possible input value."""
+    values = torch.arange(256, dtype=torch.uint8).view(16, 16)
+    planes = torch.stack([values.roll(85 * channel) for channel in range(3)])  # every value in every channel
+    tile = Image.fromarray(planes.permute(1, 2, 0).numpy(), "RGB")
+    expected = reference_tile_transform(tile)
+    return torch.equal(normalize_fn(planes.unsqueeze(0))[0], expected)
+
+
+@dataclass
+class PassTimes:
+    wall_s: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.wall_s)
+
+    @property
+    def best(self) -> float:
+        return min(self.wall_s)
+
+    @property
+    def cpu_over_wall(self) -> float:
+        return min(c / w for c, w in zip(self.cpu_s, self.wall_s))
+
+
+def time_pass(pipeline: Callable[[bytes, int], torch.Tensor], blobs: list[bytes], max_num: int) -> tuple[float, float]:
+    """Wall and process-CPU seconds for one pass of `pipeline` over all images."""
+    gc.collect()  # start every pass from the same collector state
+    wall_start, cpu_start = time.perf_counter(), time.process_time()
+    for blob in blobs:
+        pipeline(blob, max_num)
+    return time.perf_counter() - wall_start, time.process_time() - cpu_start
+
+
+def time_pipelines(corpus: Corpus, max_num: int, repeats: int, chosen: list[Pipeline]) -> dict[str, PassTimes]:
+    """`repeats` passes of every pipeline, interleaved so machine noise is shared out evenly."""
+    times = {pipeline.name: PassTimes() for pipeline in chosen}
+    for _ in range(repeats):
+        for pipeline in chosen:
+            wall, cpu = time_pass(pipeline.run, corpus.blobs, max_num)
+            times[pipeline.name].wall_s.append(wall)
+            times[pipeline.name].cpu_s.append(cpu)
+    return times
+
+
+# --- per-stage timing (--stages) -------------------------------------------------------------------------------
+
+
+class StageClock:
+    """Accumulates perf_counter seconds per stage name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def start(self) -> None:
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now
+
+
+def reference_stages(blob: bytes, max_num: int, clock: StageClock) -> None:
+    with reference_truncation_setting(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clock.start()
+        image = reference_open(blob)
+        clock.lap("decode (open+load)")
+        image = reference_mode_handling(image)
+        clock.lap("mode handling")
+        grid = reference_grid(image, max_num)
+        clock.lap("grid choice")
+        resized = reference_resize_to_grid(image, grid)
+        clock.lap("resize to grid")
+        tiles = reference_crop_tiles(resized, grid)
+        clock.lap("crop tiles")
+        if len(tiles) != 1:
+            tiles.append(reference_thumbnail(image))
+        clock.lap("thumbnail resize")
+        tensors = [reference_tile_transform(tile) for tile in tiles]
+        clock.lap("ToTensor+Normalize")
+        torch.stack(tensors)
+        clock.lap("stack")
+
+
+def ours_stages(blob: bytes, max_num: int, clock: StageClock) -> None:
+    clock.start()
+    image = decode_image(blob).image
+    clock.lap("decode_image (open+load+mode)")
+    tiles = tile_image(image, max_num)
+    clock.lap("tile_image (2 resizes + copy)")
+    normalize(tiles)
+    clock.lap("normalize (table lookup)")
+
+
+StageFunction = Callable[[bytes, int, StageClock], None]
+
+
+def time_stages(
+    corpus: Corpus, max_num: int, repeats: int, with_prototype: bool
+) -> dict[str, dict[str, float]]:
+    """Median over repeats of ms per image for every stage of each pipeline."""
+    stage_functions: dict[str, StageFunction] = {"reference": reference_stages, "ours": ours_stages}
+    if with_prototype:
+        import prototype_fast as proto
+
+        stage_functions["proto"] = proto.prototype_stages
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in stage_functions}
+    for _ in range(repeats):
+        for name, stages in stage_functions.items():
+            clock = StageClock()
+            gc.collect()
+            for blob in corpus.blobs:
+                stages(blob, max_num, clock)
+            runs[name].append(clock.seconds)
+    count = len(corpus.blobs)
+    return {
+        name: {stage: 1000 * statistics.median(run[stage] for run in passes) / count for stage in passes[0]}
+        for name, passes in runs.items()
+    }
+
+
+# --- golden check (--golden) -----------------------------------------------------------------------------------
+
+
+def check_golden(corpus: Corpus, max_num: int, golden_json: Path) -> dict[str, object]:
+    """sha256 of the float32 outputs of both pipelines against pixel_values_sha256 recorded from the original code."""
+    golden = json.loads(golden_json.read_text())
+    file_to_key = {entry["file"]: entry["key"] for entry in golden["images"]}
+    expected = {case["key"]: case["pixel_values_sha256"] for case in golden["cases"] if case["max_num"] == max_num}
+    result: dict[str, object] = {"max_num": max_num, "checked": 0, "reference_match": 0, "ours_match": 0}
+    if not expected:
+        result["note"] = f"the golden file has no cases for max_num {max_num} (it has {golden['max_nums']})"
+        return result
+    for name, blob in zip(corpus.names, corpus.blobs):
+        key = file_to_key.get(name)
+        if key not in expected:
+            continue
+        result["checked"] += 1
+        for label, pipeline in (("reference", reference_preprocess), ("ours", ours_preprocess)):
+            digest = hashlib.sha256(pipeline(blob, max_num).contiguous().numpy().tobytes()).hexdigest()
+            result[f"{label}_match"] += int(digest == expected[key])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environment, report, main
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pin_to_one_cpu(cpu: int | None) -> int | None:
+    """Pin this process to one CPU (default: the last one we may use); returns it, or None where unsupported."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    chosen = allowed[-1] if cpu is None else cpu
+    os.sched_setaffinity(0, {chosen})
+    return chosen
+
+
+def machine_info() -> dict[str, object]:
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pillow": PIL.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def print_report(
+    corpus: Corpus, args: argparse.Namespace, cpu: int | None, identity: IdentityReport, times: dict[str, PassTimes]
+) -> float:
+    """Print the table; returns the float32 speedup (reference median / ours float32 median)."""
+    count = len(corpus.blobs)
+    pinned = f"pinned to CPU {cpu}" if cpu is not None else "not pinned"
+    print(
+        f"corpus: {count} images, {corpus.total_bytes / 1e6:.1f} MB, from {args.images}; max_num {args.max_num}; "
+        f"{identity.tiles} tiles/pass ({identity.tiles / count:.2f}/image); {args.repeats} repeats; "
+        f"{args.threads} torch thread(s), {pinned}"
+    )
+    header = (
+        f"{'pipeline':<15} {'median s':>9} {'min s':>8} {'ms/img':>8} {'img/s/core':>11} "
+        f"{'speedup med':>12} {'speedup min':>12} {'cpu/wall':>9} {'identical':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    reference = times["reference"]
+    for name, result in times.items():
+        same = f"{identity.identical[name]}/{identity.images}" if name in identity.identical else "-"
+        print(
+            f"{name:<15} {result.median:>9.3f} {result.best:>8.3f} {1000 * result.median / count:>8.2f} "
+            f"{count / result.median / args.threads:>11.2f} {reference.median / result.median:>11.2f}x "
+            f"{reference.best / result.best:>11.2f}x {result.cpu_over_wall:>9.3f} {same:>10}"
+        )
+    print("(ms/img and img/s/core from the median pass; cpu/wall is the lowest over the passes, well below 1.0")
+    print(" means another process took our core; identical = images whose float32 output equals the reference's")
+    print(" bit for bit (torch.equal), uint8 pipelines through the package's exact normalize)")
+    for mismatch in identity.mismatches:
+        print(f"  MISMATCH {mismatch.pipeline} on {mismatch.image}: reference {mismatch.reference_shape}, "
+              f"ours {mismatch.ours_shape}, max |diff| {mismatch.max_abs_diff}")
+    return reference.median / times["ours float32"].median
+
+
+def print_stages(stages: dict[str, dict[str, float]]) -> None:
+    for name, per_stage in stages.items():
+        total = sum(per_stage.values())
+        print(f"stages, {name} (median ms/image): total {total:.2f}")
+        for stage, ms in per_stage.items():
+            print(f"  {stage:<32} {ms:>8.2f}  {100 * ms / total:>5.1f}%")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=Path, required=True, help="folder of *.png/*.jpg/*.jpeg/*.webp files")
+    parser.add_argument("--max-num", type=int, default=9, help="maximum number of grid tiles (default 9)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per pipeline (default 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 1 also pins one CPU)")
+    parser.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: the last allowed one)")
+    parser.add_argument("--stages", action="store_true", help="also time each stage of the pipelines")
+    parser.add_argument(
+        "--with-prototype", action="store_true", help="also time the changes prototyped in prototype_fast.py"
+    )
+    parser.add_argument("--golden", type=Path, default=None, help="tiling_golden.json to check sha256 against")
+    parser.add_argument("--json", type=Path, default=None, help="write all numbers to this JSON file")
+    args = parser.parse_args(argv)
+    if args.max_num < 1 or args.repeats < 1 or args.threads < 1:
+        parser.error("--max-num, --repeats and --threads must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cpu = pin_to_one_cpu(args.cpu) if args.threads == 1 else None
+    corpus = load_corpus(args.images)
+    chosen = pipelines(args.with_prototype)
+    load_before = load_average()
+
+    normalize_exact = {"package normalize": check_normalize_exhaustively(normalize)}
+    if args.with_prototype:
+        import prototype_fast as proto
+
+        normalize_exact["prototype_normalize"] = check_normalize_exhaustively(proto.prototype_normalize)
+    identity = check_identity(corpus, args.max_num, chosen)
+    times = time_pipelines(corpus, args.max_num, args.repeats, chosen)
+    stages = time_stages(corpus, args.max_num, args.repeats, args.with_prototype) if args.stages else None
+    golden = check_golden(corpus, args.max_num, args.golden) if args.golden else None
+
+    speedup = print_report(corpus, args, cpu, identity, times)
+    print("exhaustive normalize check (3 x 256 inputs): "
+          + ", ".join(f"{name} {'exact' if ok else 'NOT EXACT'}" for name, ok in normalize_exact.items()))
+    if stages:
+        print_stages(stages)
+    if golden:
+        print(f"golden ({args.golden.name}, max_num {args.max_num}): {golden['checked']} images checked, "
+              f"reference sha256 match {golden['reference_match']}, ours {golden['ours_match']}"
+              + (f"; {golden['note']}" if "note" in golden else ""))
+    identical = not identity.mismatches and all(normalize_exact.values())
+    if args.json:
+        count = len(corpus.blobs)
+        record = {
+            "command": sys.argv,
+            "images_dir": str(args.images),
+            "images": count,
+            "corpus_bytes": corpus.total_bytes,
+            "max_num": args.max_num,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "pinned_cpu": cpu,
+            "tiles_per_pass": identity.tiles,
+            "machine": machine_info(),
+            "ld_library_path": os.environ.get("LD_LIBRARY_PATH"),
+            "load_average_before": load_before,
+            "load_average_after": load_average(),
+            "pipelines": {
+                name: {
+                    "wall_s": result.wall_s,
+                    "cpu_s": result.cpu_s,
+                    "median_s": result.median,
+                    "min_s": result.best,
+                    "ms_per_image": 1000 * result.median / count,
+                    "images_per_s_per_core": count / result.median / args.threads,
+                    "speedup_median": times["reference"].median / result.median,
+                    "speedup_min": times["reference"].best / result.best,
+                    "identical_images": identity.identical.get(name),
+                }
+                for name, result in times.items()
+            },
+            "speedup": speedup,
+            "identical": identical,
+            "normalize_exhaustive": normalize_exact,
+            "mismatches": [asdict(m) for m in identity.mismatches],
+            "stages_ms_per_image": stages,
+            "golden": golden,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"speedup {speedup:.2f} identical={'yes' if identical else 'no'}")
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Run configuration: a YAML file plus dotted `key=value` overrides, validated into dataclasses.
+
+Every error is one line naming the key, the file and the fix; an unknown key names the closest valid one.
+`${name}` in string values is replaced from the top-level `vars:` mapping (the seed's output folder is
+`./outputs/out_${source}_${partition}/`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.prompt import CAPTION_QUESTION
+
+
+@dataclass
+class ModelSection:
+    path: str = "./InternVL-Chat-V1-5"
+    dtype: str = "bfloat16"  # float32 | bfloat16 | float16; float32 is used on CPU regardless
+    device: str = "auto"  # auto | cuda | cpu
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataSection:
+    path: str = "./dataset"  # a datasets.save_to_disk folder, or a .parquet / .arrow file
+    key_column: str = "new_key"
+    image_column: str = "png"
+    caption_column: str = "caption"
+    limit: int | None = None  # use only the first N rows (the seed's TEST_CUTDOWN)
+
+
+@dataclass
+class TilingSection:
+    max_num: int = 9
+    skip_truncated: bool = False  # False: caption truncated images as the original does, and list them
+
+
+@dataclass
+class GenerationSection:
+    batch_size: int = 6
+    do_sample: bool = True
+    temperature: float = 0.6
+    top_p: float = 0.7
+    max_new_tokens: int = 168
+    num_beams: int = 1
+    seed: int = 0
+
+
+@dataclass
+class PromptSection:
+    question: str = CAPTION_QUESTION
+    system_message: str | None = None  # None: config.json's, else the template's default (as the original)
+
+
+@dataclass
+class OutputSection:
+    dir: str = "./outputs/out_${source}_${partition}/"
+    format: str = "json"  # json: captions/{key}.json (the seed's layout) | jsonl: one append-only file per slice
+    max_sample_images: int = 1000
+
+
+@dataclass
+class WorkerSection:
+    loader_workers: int = 2  # DataLoader processes decoding and tiling ahead of the GPU
+    prefetch_batches: int = 4
+    grace_seconds: float = 20.0  # finish the batch in flight within this after a stop signal (Slurm KillWait: 30)
+    heartbeat_seconds: float = 10.0
+    stale_lease_seconds: float = 120.0  # a lease not refreshed for this long is considered dead
+
+
+@dataclass
+class SlurmSection:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = 240
+    cpus_per_task: int = 8
+    mem_gb: int | None = 64
+    gpus_per_task: int = 1
+    constraint: str | None = None
+    signal_delay_s: int = 120  # time-limit warning (SIGUSR2) this long before the end: commit and requeue
+    job_name: str = "vlm_hpc"
+    extra_sbatch: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    tiling: TilingSection = field(default_factory=TilingSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    prompt: PromptSection = field(default_factory=PromptSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    worker: WorkerSection = field(default_factory=WorkerSection)
+    slurm: SlurmSection = field(default_factory=SlurmSection)
+    vars: dict[str, Any] = field(default_factory=lambda: {"source": "data", "partition": 0})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {("model", "dtype"): ("float32", "bfloat16", "float16"), ("model", "device"): ("auto", "cuda", "cpu"),
+            ("model", "attn_implementation"): ("sdpa", "eager", "flash_attention_2"),
+            ("output", "format"): ("json", "jsonl")}
+_POSITIVE = {("tiling", "max_num"), ("generation", "batch_size"), ("generation", "max_new_tokens"),
+             ("generation", "num_beams"), ("output", "max_sample_images"), ("worker", "grace_seconds"),
+             ("worker", "heartbeat_seconds"), ("worker", "stale_lease_seconds"), ("worker", "prefetch_batches"),
+             ("slurm", "time_min"), ("slurm", "cpus_per_task"), ("slurm", "gpus_per_task")}
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.4)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(options)}"
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check one value against its annotation (int, float, bool, str, optional, dict)."""
+    text = str(hint)
+    if value is None:
+        if "None" in text:
+            return None
+        raise VlmHpcError(f"{where} must not be empty")
+    if "dict" in text:
+        if not isinstance(value, dict):
+            raise VlmHpcError(f"{where} must be a mapping, got {value!r}")
+        return value
+    if hint is bool or text.startswith("bool"):
+        if not isinstance(value, bool):
+            raise VlmHpcError(f"{where} must be true or false, got {value!r}")
+        return value
+    if text.startswith("int") or hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise VlmHpcError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise VlmHpcError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise VlmHpcError(f"{where} must be text, got {value!r}")
+    return str(value)
+
+
+def _build(raw: dict, source: str) -> RunConfig:
+    config = RunConfig()
+    sections = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for section_name, values in raw.items():
+        if section_name not in sections:
+            raise VlmHpcError(f"{source}: unknown section {section_name!r}{_closest(section_name, list(sections))}")
+        if section_name == "vars":
+            if not isinstance(values, dict):
+                raise VlmHpcError(f"{source}: vars must be a mapping of names to values")
+            config.vars.update(values)
+            continue
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise VlmHpcError(f"{source}: section {section_name!r} must be a mapping of keys to values")
+        section = getattr(config, section_name)
+        hints = get_type_hints(type(section))
+        for key, value in values.items():
+            if key not in hints:
+                raise VlmHpcError(f"{source}: unknown key {section_name}.{key}{_closest(key, list(hints))}")
+            where = f"{source}: {section_name}.{key}"
+            value = _coerce(value, hints[key], where)
+            choices = _CHOICES.get((section_name, key))
+            if choices and value not in choices:
+                raise VlmHpcError(f"{where} is {value!r}; choose one of {', '.join(choices)}")
+            if (section_name, key) in _POSITIVE and value <= 0:
+                raise VlmHpcError(f"{where} must be positive, got {value}")
+            setattr(section, key, value)
+    return config
+
+
+def _set_dotted(raw: dict, dotted: str) -> None:
+    if "=" not in dotted:
+        raise VlmHpcError(f"override {dotted!r} is not key=value (example: generation.batch_size=8)")
+    key, text = dotted.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise VlmHpcError(f"override key {key!r} must be section.key (example: data.limit=100)")
+    value = yaml.safe_load(text) if text.strip() else None
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise VlmHpcError(f"override {dotted!r}: section {parts[0]!r} is not a mapping")
+    section[parts[1]] = value
+
+
+def _interpolate(config: RunConfig, source: str) -> None:
+    def substitute(text: str) -> str:
+        def lookup(match: re.Match) -> str:
+            name = match.group(1)
+            if name not in config.vars:
+                raise VlmHpcError(f"{source}: ${{{name}}} is used but vars.{name} is not set")
+            return str(config.vars[name])
+        return re.sub(r"\$\{(\w+)\}", lookup, text)
+
+    for section in (config.model, config.data, config.output):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, str):
+                setattr(section, f.name, substitute(value))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config (None: all defaults), apply `section.key=value` overrides, validate."""
+    raw: dict = {}
+    source = str(path) if path else "defaults"
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise VlmHpcError(f"config file {path} does not exist; start from configs/default.yaml") from None
+        except yaml.YAMLError as exc:
+            raise VlmHpcError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise VlmHpcError(f"{path} must be a mapping of sections (model:, data:, ...)")
+    for dotted in overrides:
+        _set_dotted(raw, dotted)
+    config = _build(raw, source)
+    _interpolate(config, source)
+    # Relative paths are relative to the directory the command runs in, like the seed's launcher.
+    return config

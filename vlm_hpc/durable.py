@@ -1,0 +1,68 @@
+"""Crash-safe file writes: a reader sees the old content or the new, never half of it, even after power loss."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True, temp_dir: Path | None = None) -> None:
+    """Write to a temporary file, fsync, rename over `path`. Callers batching many renames into one folder
+    pass sync_dir=False and call fsync_dir once; `temp_dir` (same file system) keeps leftovers of a crash
+    out of the output folder, where the writer can clear them without listing the outputs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = (temp_dir or path.parent) / f".{path.name}.{os.getpid()}.tmp"
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, value: object) -> None:
+    write_atomic(path, json.dumps(value, ensure_ascii=False, indent=1).encode())
+
+
+def append_durable(path: Path, data: bytes, expected_size: int) -> int:
+    """Append at `expected_size` (cutting any uncommitted tail first), fsync; return the new size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    created = not path.exists()
+    with open(path, "ab") as handle:
+        if handle.tell() != expected_size:
+            handle.truncate(expected_size)
+            handle.seek(expected_size)
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+        size = handle.tell()
+    if created:
+        fsync_dir(path.parent)
+    return size
+
+
+def truncate_to(path: Path, size: int) -> None:
+    """Drop whatever an interrupted append left beyond the committed size."""
+    if path.exists() and path.stat().st_size > size:
+        with open(path, "r+b") as handle:
+            handle.truncate(size)
+            os.fsync(handle.fileno())
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object at `path`, or None if there is none."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,52 @@
+"""Where this process runs: host, pid and, under Slurm, which job array task (read from SLURM_* variables)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class JobEnvironment:
+    host: str
+    pid: int
+    job_id: str | None  # SLURM_JOB_ID: stays the same across requeues of one array task
+    array_job_id: str | None
+    array_task_id: str | None
+    restart_count: int
+
+    @classmethod
+    def current(cls) -> JobEnvironment:
+        env = os.environ
+        return cls(
+            host=socket.gethostname(), pid=os.getpid(), job_id=env.get("SLURM_JOB_ID"),
+            array_job_id=env.get("SLURM_ARRAY_JOB_ID"), array_task_id=env.get("SLURM_ARRAY_TASK_ID"),
+            restart_count=int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+        )
+
+    @property
+    def slurm_task(self) -> str | None:
+        """The id `scancel`/`scontrol requeue` take for this task: ARRAYJOB_TASK, or the plain job id."""
+        if self.array_job_id and self.array_task_id:
+            return f"{self.array_job_id}_{self.array_task_id}"
+        return self.job_id
+
+    def describe(self) -> str:
+        slurm = f", Slurm job {self.slurm_task}" if self.slurm_task else ""
+        return f"host {self.host} pid {self.pid}{slurm}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def requeue_this_task(environment: JobEnvironment) -> str:
+    """Ask Slurm to requeue this array task (it restarts with the same index and resumes); returns what happened."""
+    task = environment.slurm_task
+    if not task:
+        return "not under Slurm: nothing to requeue; run the same command again to resume"
+    result = subprocess.run(["scontrol", "requeue", task], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        return f"scontrol requeue {task} failed: {result.stderr.strip() or result.stdout.strip()}"
+    return f"requeued Slurm task {task}"

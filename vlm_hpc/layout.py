@@ -1,0 +1,116 @@
+"""Where everything lives in an output folder: the one module that knows the file names.
+
+    OUTPUT/captions/{key}.json     {"web_caption", "vlm_caption"} (output.format json, the seed's layout)
+    OUTPUT/captions/slice_{I}.jsonl  one line per caption (output.format jsonl)
+    OUTPUT/images/                 up to output.max_sample_images sample images for the whole run
+    OUTPUT/queries/query.txt       the prompt
+    OUTPUT/end{I}.txt              completion marker of slice I (the seed's), with a timestamp
+    OUTPUT/kill{I}.txt             touch it to stop slice I gracefully (the seed's kill file)
+    OUTPUT/state/slice_{I}.json    checkpoint index; state/slice_{I}.lease: who runs it
+    OUTPUT/failures/slice_{I}.jsonl  rows that could not be captioned, with the reason
+    OUTPUT/tmp/slice_{I}/          files being written (renamed into place when complete; cleared on resume)
+    OUTPUT/stamps/slice_{I}.json   reproducibility stamp of each attempt
+    OUTPUT/logs/slice_{I}.log      the worker's log (appended across requeues)
+    OUTPUT/manifest.json           dataset fingerprint and slicing, fixed at the first run
+
+Keys are untrusted. A key that is a plain safe file name is used as is; any other key is percent-encoded
+behind a leading "%" (so the encoding is reversible and cannot collide with a plain key), and encoded names
+longer than 200 bytes are split into nested folders. Nothing can land outside OUTPUT.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}\Z")
+_SEGMENT = 200  # bytes; file systems allow 255 per name
+
+
+def key_to_relpath(key: str) -> str:
+    """A relative path (no leading /, no '..') that names `key` reversibly."""
+    if _SAFE_KEY.match(key):
+        return key
+    encoded = "%" + quote(key, safe="-_", errors="surrogatepass").replace(".", "%2E")
+    segments = [encoded[i:i + _SEGMENT] for i in range(0, len(encoded), _SEGMENT)]
+    # A folder named like a segment ends in "~" so that it can never equal a plain key or a file name.
+    return "/".join([s + "~" for s in segments[:-1]] + [segments[-1]])
+
+
+def relpath_to_key(relpath: str) -> str:
+    """Inverse of key_to_relpath."""
+    if not relpath.startswith("%"):
+        return relpath
+    parts = relpath.split("/")
+    encoded = "".join([part[:-1] for part in parts[:-1]] + [parts[-1]])
+    return unquote(encoded[1:], errors="surrogatepass")
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Paths inside one output folder."""
+
+    root: Path
+
+    @staticmethod
+    def slice_name(index: int) -> str:
+        return f"slice_{index:05d}"
+
+    @property
+    def captions_dir(self) -> Path:
+        return self.root / "captions"
+
+    def caption_json(self, key: str) -> Path:
+        return self.captions_dir / f"{key_to_relpath(key)}.json"
+
+    def caption_jsonl(self, index: int) -> Path:
+        return self.captions_dir / f"{self.slice_name(index)}.jsonl"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    def sample_image(self, key: str, extension: str) -> Path:
+        return self.images_dir / f"{key_to_relpath(key)}.{extension}"
+
+    @property
+    def query_file(self) -> Path:
+        return self.root / "queries" / "query.txt"
+
+    def end_marker(self, index: int) -> Path:
+        return self.root / f"end{index}.txt"
+
+    def kill_file(self, index: int) -> Path:
+        return self.root / f"kill{index}.txt"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    def index_file(self, index: int) -> Path:
+        return self.state_dir / f"{self.slice_name(index)}.json"
+
+    def lease_file(self, index: int) -> Path:
+        return self.state_dir / f"{self.slice_name(index)}.lease"
+
+    def temp_dir(self, index: int) -> Path:
+        return self.root / "tmp" / self.slice_name(index)
+
+    def failures_file(self, index: int) -> Path:
+        return self.root / "failures" / f"{self.slice_name(index)}.jsonl"
+
+    def stamp_file(self, index: int) -> Path:
+        return self.root / "stamps" / f"{self.slice_name(index)}.json"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def log_file(self, index: int) -> Path:
+        return self.logs_dir / f"{self.slice_name(index)}.log"
+
+    @property
+    def manifest_file(self) -> Path:
+        return self.root / "manifest.json"

@@ -1,0 +1,81 @@
+"""Every way a slice is asked to stop, and the only module that touches signal handlers.
+
+- SIGTERM (plain `scancel`, preemption, the second half of a time limit): stop, no requeue.
+- SIGUSR2 (the time-limit warning set with `--signal=USR2@N`): stop, then requeue this array task.
+- SIGINT (Ctrl-C when run by hand): stop, no requeue.
+- `OUTPUT/kill{I}.txt` (the seed's kill files): stop, no requeue.
+
+A stop lets the batch in flight finish if it can within `grace_seconds`, else abandons it (it is simply not
+committed); then the worker commits and exits. Handlers are idempotent: SIGCONT accompanies SIGTERM, and a
+time limit sends SIGTERM twice. DataLoader workers ignore these signals so that only the main process acts.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+_REASONS = {signal.SIGTERM: "sigterm", signal.SIGUSR2: "time_limit", signal.SIGINT: "interrupt"}
+
+
+class BatchAbandoned(Exception):
+    """The batch in flight could not finish within the grace period after a stop."""
+
+
+class StopRequest:
+    """Collects stop requests; the worker polls it between batches and the engine during generation."""
+
+    def __init__(self, kill_file: Path | None, grace_seconds: float) -> None:
+        self.kill_file = kill_file
+        self.grace_seconds = grace_seconds
+        self.reason: str | None = None
+        self.requeue = False
+        self.deadline: float | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        """Route the stop signals here (remembering the previous handlers for `uninstall`)."""
+        for number in STOP_SIGNALS:
+            self._previous[number] = signal.signal(number, self._on_signal)
+
+    def uninstall(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _on_signal(self, number: int, _frame) -> None:
+        self.request(_REASONS.get(number, f"signal {number}"), requeue=number == signal.SIGUSR2)
+
+    def request(self, reason: str, requeue: bool = False) -> None:
+        """Record a stop; the first one sets the deadline, a later SIGTERM cancels a pending requeue."""
+        if self.reason is None:
+            self.reason = reason
+            self.deadline = time.monotonic() + self.grace_seconds
+            self.requeue = requeue
+        elif reason == "sigterm" and self.reason == "time_limit":
+            pass  # the time limit's own SIGTERM after its warning: still requeue
+        elif reason in ("sigterm", "interrupt", "kill_file"):
+            self.requeue = False
+
+    @property
+    def requested(self) -> bool:
+        if self.reason is None and self.kill_file is not None and self.kill_file.exists():
+            self.request("kill_file")
+        return self.reason is not None
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def check_deadline(self) -> None:
+        """Called during generation: abandon the batch once the grace period is over."""
+        if self.past_deadline():
+            raise BatchAbandoned(f"stop ({self.reason}) and the batch did not finish within "
+                                 f"{self.grace_seconds:.0f}s")
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: Slurm signals every process of the task; only the main process acts on it."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)

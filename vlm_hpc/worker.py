@@ -1,0 +1,384 @@
+"""`python -m vlm_hpc.worker --config FILE --slice I --num-slices N [key=value ...]`: one slice, in the foreground.
+
+This is what every array task runs. The life of a slice: check inputs (before any model is loaded), take the
+slice's lease, skip every committed row, decode and tile in DataLoader processes ahead of the model,
+caption in batches, commit each batch, and on a stop signal finish or abandon the batch in flight, commit,
+record why, and exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from vlm_hpc import __version__
+from vlm_hpc.checkpoint import SliceIndex
+from vlm_hpc.config import RunConfig, load_config
+from vlm_hpc.dataset import Row, RowSource, open_rows, slice_bounds
+from vlm_hpc.durable import write_atomic, write_json_atomic
+from vlm_hpc.engine import Caption, CaptionEngine, GenerationSettings
+from vlm_hpc.errors import ImageRejected, VlmHpcError
+from vlm_hpc.imaging import decode_image
+from vlm_hpc.job_environment import JobEnvironment, requeue_this_task
+from vlm_hpc.layout import OutputLayout
+from vlm_hpc.lease import SliceLease
+from vlm_hpc.manifest import RunManifest, ensure_manifest
+from vlm_hpc.model import inspect_model_folder
+from vlm_hpc.stop import BatchAbandoned, StopRequest, ignore_stop_signals
+from vlm_hpc.tiling import tile_image
+from vlm_hpc.writer import RowOutcome, SliceWriter
+
+
+@dataclass
+class PreparedRow:
+    """A row after CPU work: uint8 tiles ready for the model, or why it cannot be captioned."""
+
+    row: int
+    key: str | None
+    web_caption: str | None
+    tiles: torch.Tensor | None = None
+    failure: str | None = None
+    detail: str = ""
+    truncated: bool = False
+    image_bytes: bytes | None = None  # kept for sample images and for retrying with fewer tiles
+    sample_extension: str | None = None
+
+
+def prepare_row(row: Row, max_num: int, skip_truncated: bool, duplicate_of: int | None, is_sample: bool) -> PreparedRow:
+    """Decode and tile one row, or say why not (runs in DataLoader processes)."""
+    prepared = PreparedRow(row.index, row.key, row.caption)
+    if row.key is None or row.key == "":
+        prepared.failure, prepared.detail = "missing_key", "the key cell is empty"
+        return prepared
+    if duplicate_of is not None:
+        prepared.failure, prepared.detail = "duplicate_key", f"row {duplicate_of} has the same key and is captioned"
+        return prepared
+    try:
+        decoded = decode_image(row.image)
+        if decoded.truncated and skip_truncated:
+            prepared.failure, prepared.detail, prepared.truncated = "truncated", "skipped (tiling.skip_truncated)", True
+            return prepared
+        prepared.tiles = tile_image(decoded.image, max_num)
+        prepared.truncated = decoded.truncated
+        if decoded.truncated:
+            prepared.failure, prepared.detail = "truncated", "file is cut short; captioned like the original (rest black)"
+        if is_sample or decoded.truncated:
+            prepared.image_bytes = row.image
+        if is_sample:
+            prepared.sample_extension = _extension(row.image)
+    except ImageRejected as exc:
+        prepared.failure, prepared.detail = exc.reason, exc.detail
+    return prepared
+
+
+def _extension(data: bytes) -> str:
+    try:
+        name = Image.open(io.BytesIO(data)).format or ""
+    except Exception:
+        return "bin"
+    return {"JPEG": "jpg"}.get(name, name.lower() or "bin")
+
+
+class SliceBatches(Dataset):
+    """Item i = batch i of the pending rows, prepared (read, decoded, tiled) in a DataLoader process."""
+
+    def __init__(self, rows: RowSource, batches: list[list[int]], config: RunConfig, manifest: RunManifest,
+                 sample_stride: int) -> None:
+        self.rows = rows
+        self.batches = batches
+        self.max_num = config.tiling.max_num
+        self.skip_truncated = config.tiling.skip_truncated
+        self.duplicates = manifest.duplicate_rows
+        self.sample_stride = sample_stride
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, item: int) -> list[PreparedRow]:
+        wanted = self.batches[item]
+        keep = set(wanted)
+        rows = [r for r in self.rows.read(wanted[0], wanted[-1] + 1) if r.index in keep]
+        return [prepare_row(r, self.max_num, self.skip_truncated, self.duplicates.get(str(r.index)),
+                            r.index % self.sample_stride == 0) for r in rows]
+
+
+def _collate(items: list[list[PreparedRow]]) -> list[PreparedRow]:
+    return items[0]
+
+
+def engine_from_config(config: RunConfig) -> CaptionEngine:
+    """Load the model the config names, on the GPU when there is one."""
+    device = config.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = config.model.dtype if device != "cpu" else "float32"
+    g = config.generation
+    settings = GenerationSettings(do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p,
+                                  max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, seed=g.seed)
+    return CaptionEngine.from_folder(config.model.path, dtype=dtype, device=device, question=config.prompt.question,
+                                     system_message=config.prompt.system_message, settings=settings,
+                                     attn_implementation=config.model.attn_implementation)
+
+
+def _setup_logging(layout: OutputLayout, index: int) -> logging.Logger:
+    layout.logs_dir.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger(f"vlm_hpc.slice{index}")
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    formatter = logging.Formatter("%(asctime)s slice %(slice)s | %(message)s".replace("%(slice)s", str(index)))
+    for handler in (logging.FileHandler(layout.log_file(index), mode="a"), logging.StreamHandler(sys.stderr)):
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    return logger
+
+
+class Progress:
+    """Rates and ETA for the log's progress lines."""
+
+    def __init__(self, done: int, total: int) -> None:
+        self.start_time = time.monotonic()
+        self.start_done = done
+        self.done = done
+        self.total = total
+        self.tiles = 0
+        self.tokens = 0
+
+    def add(self, rows: int, tiles: int, tokens: int) -> None:
+        self.done += rows
+        self.tiles += tiles
+        self.tokens += tokens
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.start_time, 1e-9)
+        rate = (self.done - self.start_done) / elapsed
+        remaining = self.total - self.done
+        eta = time.strftime("%H:%M:%S", time.gmtime(remaining / rate)) if rate > 0 else "?"
+        return (f"rows {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.1f}%) | {rate:.2f} img/s | "
+                f"{self.tiles / elapsed:.1f} tiles/s | {self.tokens / elapsed:.1f} tok/s | ETA {eta}")
+
+
+def _caption_with_backoff(engine: CaptionEngine, batch: list[PreparedRow], max_num: int, poll: Callable[[], None],
+                          log: logging.Logger) -> dict[int, Caption | None]:
+    """Captions by row; on CUDA out-of-memory split the batch, then retry a single image with fewer tiles."""
+    try:
+        return dict(zip([p.row for p in batch], engine.caption([p.tiles for p in batch], poll=poll)))
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+    if len(batch) > 1:
+        half = len(batch) // 2
+        log.info(f"out of memory on {len(batch)} images; splitting the batch")
+        return {**_caption_with_backoff(engine, batch[:half], max_num, poll, log),
+                **_caption_with_backoff(engine, batch[half:], max_num, poll, log)}
+    only = batch[0]
+    budget = max_num // 2
+    while budget >= 1 and only.image_bytes is not None:
+        log.info(f"out of memory on row {only.row} alone; retrying with max_num {budget}")
+        retry = PreparedRow(only.row, only.key, only.web_caption,
+                            tiles=tile_image(decode_image(only.image_bytes).image, budget))
+        try:
+            return {only.row: engine.caption([retry.tiles], poll=poll)[0]}
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            budget //= 2
+    return {only.row: None}
+
+
+def _outcomes(batch: list[PreparedRow], captions: dict[int, Caption | None]) -> list[RowOutcome]:
+    outcomes = []
+    for p in batch:
+        sample = (p.image_bytes, p.sample_extension) if p.sample_extension and p.image_bytes else None
+        if p.tiles is None:
+            outcomes.append(RowOutcome(p.row, p.key, p.web_caption, failure=p.failure, detail=p.detail))
+            continue
+        caption = captions.get(p.row)
+        text = caption.text if caption is not None else None
+        if text is None:
+            outcomes.append(RowOutcome(p.row, p.key, p.web_caption, failure="out_of_memory",
+                                       detail="out of GPU memory even alone at max_num 1"))
+        elif text == "":
+            outcomes.append(RowOutcome(p.row, p.key, p.web_caption, failure="empty_caption",
+                                       detail="the model produced no text"))
+        else:
+            outcomes.append(RowOutcome(p.row, p.key, p.web_caption, caption=text, failure=p.failure,
+                                       detail=p.detail, sample=sample))
+    return outcomes
+
+
+@dataclass(frozen=True)
+class SliceOutcome:
+    status: str  # done | stopped | requeue
+    reason: str | None
+    index: SliceIndex
+
+
+def _write_stamp(layout: OutputLayout, index: int, config: RunConfig, engine: CaptionEngine,
+                 environment: JobEnvironment) -> None:
+    import hashlib
+
+    import transformers
+
+    folder = Path(config.model.path)
+    fingerprint = hashlib.sha256()
+    for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            fingerprint.update((folder / name).read_bytes())
+    for shard in sorted(folder.glob("*.safetensors")):
+        fingerprint.update(f"{shard.name}:{shard.stat().st_size}".encode())
+    prompt = engine.prompt(1)
+    stamp_path = layout.stamp_file(index)
+    attempts = json.loads(stamp_path.read_text()) if stamp_path.exists() else []
+    attempts.append({
+        "time": time.time(), "environment": environment.to_dict(), "vlm_hpc": __version__,
+        "transformers": transformers.__version__, "torch": torch.__version__,
+        "model_fingerprint": fingerprint.hexdigest()[:16], "model_path": str(folder.resolve()),
+        "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest()[:16], "system_message": engine.system_message,
+        "generation": config.to_dict()["generation"], "max_num": config.tiling.max_num,
+        "device": str(engine.device), "dtype": str(engine.dtype),
+    })
+    write_json_atomic(stamp_path, attempts)
+
+
+def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowSource, OutputLayout]:
+    """Everything that can be checked without the model: model folder, dataset and columns, output folder."""
+    inspect_model_folder(config.model.path)
+    rows = open_rows(config.data)
+    slice_bounds(rows.num_rows, index, count)
+    layout = OutputLayout(Path(config.output.dir))
+    try:
+        layout.state_dir.mkdir(parents=True, exist_ok=True)
+        probe = layout.state_dir / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise VlmHpcError(f"output: cannot write to {layout.root} ({exc}); set output.dir to a writable folder") from None
+    return rows, layout
+
+
+def run_slice(config: RunConfig, index: int, count: int,
+              engine_factory: Callable[[RunConfig], CaptionEngine] = engine_from_config,
+              stop: StopRequest | None = None) -> SliceOutcome:
+    """Caption slice `index` of `count` to completion or until asked to stop; resumable at any point."""
+    rows, layout = check_inputs(config, index, count)
+    manifest = ensure_manifest(layout, rows, config, count)
+    start, stop_row = slice_bounds(rows.num_rows, index, count)
+    log = _setup_logging(layout, index)
+    environment = JobEnvironment.current()
+    lease = SliceLease(layout.lease_file(index), environment, config.worker.stale_lease_seconds)
+    recovered = lease.acquire()
+    if recovered:
+        log.info(f"took over the slice lease: {recovered}")
+    lease.start_heartbeat(config.worker.heartbeat_seconds)
+    index_path = layout.index_file(index)
+    state = SliceIndex.load(index_path) or SliceIndex(slice=index, num_slices=count, start=start, stop=stop_row)
+    stop = stop or StopRequest(layout.kill_file(index), config.worker.grace_seconds)
+    try:
+        writer = SliceWriter(layout, index, config.output.format)
+        writer.recover(state)
+        state.attempts += 1
+        state.status, state.stop_reason, state.started_at = "running", None, time.time()
+        state.save(index_path)
+        log.info(f"start: rows [{start}, {stop_row}) of {rows.num_rows}, {state.finished_rows} already done, "
+                 f"attempt {state.attempts}, {environment.describe()}")
+        if state.complete:
+            return _finish(layout, state, index_path, "done", None, log)
+        stop.install()
+        engine = engine_factory(config)
+        if not layout.query_file.exists():
+            write_atomic(layout.query_file, config.prompt.question.encode())
+        _write_stamp(layout, index, config, engine, environment)
+        pending = state.pending_rows()
+        batch_size = config.generation.batch_size
+        batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
+        stride = max(1, math.ceil(rows.num_rows / config.output.max_sample_images))
+        loader = DataLoader(SliceBatches(rows, batches, config, manifest, stride), batch_size=1,
+                            collate_fn=_collate, num_workers=config.worker.loader_workers,
+                            prefetch_factor=config.worker.prefetch_batches if config.worker.loader_workers else None,
+                            worker_init_fn=ignore_stop_signals if config.worker.loader_workers else None)
+        progress = Progress(state.finished_rows, state.total)
+
+        def poll() -> None:
+            stop.check_deadline()
+            if lease.lost.is_set():
+                raise BatchAbandoned("the slice lease was taken by another worker")
+
+        for batch in loader:
+            if stop.requested or lease.lost.is_set():
+                break
+            began = time.monotonic()
+            ready = [p for p in batch if p.tiles is not None]
+            try:
+                captions = _caption_with_backoff(engine, ready, config.tiling.max_num, poll, log) if ready else {}
+            except BatchAbandoned as exc:
+                log.info(f"abandoned rows {batch[0].row}..{batch[-1].row}: {exc}")
+                break
+            seconds = time.monotonic() - began
+            log.info(f"computed rows={','.join(str(p.row) for p in batch)}")
+            if lease.lost.is_set():
+                break
+            writer.commit_batch(_outcomes(batch, captions), state, seconds)
+            progress.add(len(batch), sum(p.tiles.shape[0] for p in ready),
+                         sum(len(c.token_ids) for c in captions.values() if c is not None))
+            log.info(progress.line())
+        if lease.lost.is_set():
+            log.info("stopping: another worker took over this slice's lease; nothing more is committed here")
+            return SliceOutcome("stopped", "lease_lost", state)
+        if state.complete:
+            return _finish(layout, state, index_path, "done", None, log)
+        status = "requeued" if stop.requeue else "stopped"
+        return _finish(layout, state, index_path, status, stop.reason or "unknown", log)
+    except BaseException as exc:
+        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            state.status, state.stop_reason = "crashed", f"{type(exc).__name__}: {exc}"[:500]
+            state.save(index_path)
+        raise
+    finally:
+        stop.uninstall()
+        lease.release()
+
+
+def _finish(layout: OutputLayout, state: SliceIndex, index_path: Path, status: str, reason: str | None,
+            log: logging.Logger) -> SliceOutcome:
+    state.status, state.stop_reason = status, reason
+    state.save(index_path)
+    if status == "done":
+        write_atomic(layout.end_marker(state.slice), f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        log.info(f"done: {state.captions} captions, {state.failures} failures")
+    else:
+        log.info(f"{status} ({reason}) with {state.finished_rows}/{state.total} rows done")
+    return SliceOutcome("requeue" if status == "requeued" else status, reason, state)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlm_hpc.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("--slice", type=int, required=True)
+    parser.add_argument("--num-slices", type=int, required=True)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. generation.batch_size=8")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        outcome = run_slice(config, args.slice, args.num_slices)
+    except VlmHpcError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if outcome.status == "requeue":
+        print(requeue_this_task(JobEnvironment.current()), file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

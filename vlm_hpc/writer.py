@@ -1,0 +1,88 @@
+"""Committing a batch: captions, sample images and failure-ledger lines made durable, then the index advanced.
+
+`commit_batch` is the only writer of caption outputs. In json format each caption is its own file, renamed
+into place; in jsonl format lines are appended to the slice's file and the index records the committed byte
+offset, so a resumed slice cuts off whatever an interrupted append left.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlm_hpc.checkpoint import SliceIndex
+from vlm_hpc.durable import append_durable, fsync_dir, truncate_to, write_atomic
+from vlm_hpc.layout import OutputLayout
+
+
+@dataclass(frozen=True)
+class RowOutcome:
+    """What happened to one row: a caption, or a failure reason (a truncated image has both)."""
+
+    row: int
+    key: str | None
+    web_caption: str | None
+    caption: str | None = None
+    failure: str | None = None  # reason tag for the ledger
+    detail: str = ""
+    sample: tuple[bytes, str] | None = None  # (original bytes, file extension) for the sample folder
+
+    def ledger_line(self) -> dict:
+        return {"row": self.row, "key": self.key, "reason": self.failure, "detail": self.detail,
+                "captioned": self.caption is not None, "time": time.time()}
+
+
+class SliceWriter:
+    """Writes one slice's outputs in the configured format."""
+
+    def __init__(self, layout: OutputLayout, slice_index: int, output_format: str) -> None:
+        self.layout = layout
+        self.slice = slice_index
+        self.format = output_format
+        self.temp_dir = layout.temp_dir(slice_index)
+
+    def recover(self, index: SliceIndex) -> None:
+        """Cut append-only files back to what the index says was committed; drop half-written files."""
+        if self.temp_dir.exists():
+            shutil.rmtree(self.temp_dir)
+        self.temp_dir.mkdir(parents=True)
+        if self.format == "jsonl":
+            truncate_to(self.layout.caption_jsonl(self.slice), index.captions_offset)
+        truncate_to(self.layout.failures_file(self.slice), index.failures_offset)
+
+    def commit_batch(self, outcomes: list[RowOutcome], index: SliceIndex, seconds: float) -> None:
+        """Make every output of the batch durable, then record the batch in the index (the commit point)."""
+        captioned = [o for o in outcomes if o.caption is not None]
+        captions_offset = index.captions_offset
+        if self.format == "json":
+            folders: set[Path] = set()
+            for outcome in captioned:
+                path = self.layout.caption_json(outcome.key)
+                body = {"web_caption": outcome.web_caption, "vlm_caption": outcome.caption}
+                write_atomic(path, json.dumps(body, ensure_ascii=False).encode(), sync_dir=False,
+                             temp_dir=self.temp_dir)
+                folders.add(path.parent)
+            for folder in folders:
+                fsync_dir(folder)
+        elif captioned:
+            lines = "".join(json.dumps({"key": o.key, "web_caption": o.web_caption, "vlm_caption": o.caption,
+                                        "row": o.row}, ensure_ascii=False) + "\n" for o in captioned)
+            captions_offset = append_durable(self.layout.caption_jsonl(self.slice), lines.encode(), captions_offset)
+        samples = 0
+        for outcome in outcomes:
+            if outcome.sample is not None and outcome.key is not None:
+                data, extension = outcome.sample
+                write_atomic(self.layout.sample_image(outcome.key, extension), data, sync_dir=False,
+                             temp_dir=self.temp_dir)
+                samples += 1
+        failures_offset = index.failures_offset
+        ledger = [o.ledger_line() for o in outcomes if o.failure is not None]
+        if ledger:
+            text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in ledger)
+            failures_offset = append_durable(self.layout.failures_file(self.slice), text.encode(), failures_offset)
+        index.commit(self.layout.index_file(self.slice), [o.row for o in outcomes], captions=len(captioned),
+                     failures=sum(o.caption is None for o in outcomes), captions_offset=captions_offset,
+                     failures_offset=failures_offset, samples=samples, seconds=seconds)
