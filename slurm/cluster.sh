@@ -136,7 +136,7 @@ our_stepd_pids() {
 ppid_table() {
     local stat_file stat fields
     for stat_file in /proc/[0-9]*/stat; do
-        stat=$(<"$stat_file") 2>/dev/null || continue
+        { stat=$(<"$stat_file"); } 2>/dev/null || continue    # the process may just have exited
         read -r -a fields <<<"${stat##*) }"    # after "PID (comm) ": state ppid ...
         stat_file=${stat_file#/proc/}
         echo "${stat_file%/stat} ${fields[1]}"
@@ -425,10 +425,18 @@ done
 [[ ${format,,} == jobid,state,nodelist ]] ||
     die "only -o JobID,State,NodeList is supported, not '${format:-<none>}'"
 ((${#ids[@]})) || die "give job ids with -j"
-echo "JobID|State|NodeList"
-# squeue skips unknown ids, but fails when it knows none of them: then only the header is printed,
-# as sacct does for jobs it has no record of.
-squeue --states=all -h -r -j "$(IFS=,; echo "${ids[*]}")" -o '%i|%T|%N' 2>/dev/null || true
+# squeue skips unknown ids, but fails with "Invalid job id" when it knows none of them: then only
+# the header is printed, as sacct does for jobs it has no record of. Other failures (controller
+# down) are passed on, so that submitit keeps its last known state instead.
+if rows=$(squeue --states=all -h -r -j "$(IFS=,; echo "${ids[*]}")" -o '%i|%T|%N' 2>&1); then
+    echo "JobID|State|NodeList"
+    if [[ -n $rows ]]; then echo "$rows"; fi
+elif [[ $rows == *"Invalid job id"* ]]; then
+    echo "JobID|State|NodeList"
+else
+    echo "sacct stand-in: squeue failed: $rows" >&2
+    exit 1
+fi
 EOF
     chmod 755 "$sacct"
 }

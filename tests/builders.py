@@ -1,0 +1,86 @@
+"""Builders for worker tests: small datasets, configs, and worker processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import yaml
+from PIL import Image
+
+
+def png(seed: int, size: tuple[int, int] = (48, 48), mode: str = "RGB") -> bytes:
+    """A small deterministic noise image."""
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).convert(mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_dataset(folder: Path, rows: list[tuple[str | None, bytes | None, str | None]]) -> Path:
+    """A datasets.save_to_disk folder with the seed's columns (new_key, png, caption)."""
+    features = datasets.Features({"new_key": datasets.Value("string"), "png": datasets.Value("binary"),
+                                  "caption": datasets.Value("string")})
+    table = {"new_key": [r[0] for r in rows], "png": [r[1] for r in rows], "caption": [r[2] for r in rows]}
+    datasets.Dataset.from_dict(table, features=features).save_to_disk(str(folder))
+    return folder
+
+
+def noise_dataset(folder: Path, count: int) -> Path:
+    return make_dataset(folder, [(f"img_{i:04d}", png(i), f"web caption {i}") for i in range(count)])
+
+
+def write_config(path: Path, model_path: Path, data_path: Path, output_dir: Path, **sections: dict) -> Path:
+    """A worker config for the tiny model on the CPU: greedy, short, small batches."""
+    config = {
+        "model": {"path": str(model_path), "dtype": "float32", "device": "cpu"},
+        "data": {"path": str(data_path)},
+        "tiling": {"max_num": 6},
+        "generation": {"batch_size": 4, "do_sample": False, "max_new_tokens": 12},
+        "output": {"dir": str(output_dir)},
+        "worker": {"loader_workers": 1, "grace_seconds": 10, "heartbeat_seconds": 1},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_worker(config: Path, index: int = 0, count: int = 1, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vlm_hpc.worker", "--config", str(config), "--slice", str(index),
+                             "--num-slices", str(count), *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def committed_rows(output: Path, index: int = 0) -> int:
+    try:
+        state = json.loads((output / "state" / f"slice_{index:05d}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return sum(b - a for a, b in state["done"])
+
+
+def slice_state(output: Path, index: int = 0) -> dict:
+    return json.loads((output / "state" / f"slice_{index:05d}.json").read_text())
+
+
+def stop(process: subprocess.Popen, number: int = signal.SIGKILL) -> None:
+    if process.poll() is None:
+        process.send_signal(number)
+    process.wait(timeout=60)

@@ -1,0 +1,96 @@
+"""Pure pieces of the worker: config validation, slicing, key encoding, interval bookkeeping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vlm_hpc.checkpoint import SliceIndex, add_interval
+from vlm_hpc.config import load_config
+from vlm_hpc.dataset import slice_bounds
+from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.layout import OutputLayout, key_to_relpath, relpath_to_key
+from vlm_hpc.prompt import CAPTION_QUESTION
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_default_config_is_the_seeds() -> None:
+    config = load_config(ROOT / "configs" / "default.yaml")
+    assert (config.generation.batch_size, config.tiling.max_num, config.generation.temperature,
+            config.generation.top_p, config.generation.max_new_tokens) == (6, 9, 0.6, 0.7, 168)
+    assert config.generation.do_sample and config.prompt.question == CAPTION_QUESTION
+    assert config.output.dir == "./outputs/out_laion_0/" and config.output.max_sample_images == 1000
+    assert config.model.path == "./InternVL-Chat-V1-5"
+
+
+def test_overrides_and_interpolation() -> None:
+    config = load_config(ROOT / "configs" / "default.yaml",
+                         ["generation.batch_size=8", "vars.partition=7", "data.limit=100", "prompt.system_message=Hi"])
+    assert config.generation.batch_size == 8 and config.data.limit == 100
+    assert config.output.dir == "./outputs/out_laion_7/" and config.prompt.system_message == "Hi"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["generation.batchsize=8"], "did you mean 'batch_size'"),
+    (["genration.batch_size=8"], "did you mean 'generation'"),
+    (["generation.batch_size=eight"], "must be an integer"),
+    (["generation.batch_size=0"], "must be positive"),
+    (["output.format=csv"], "choose one of json, jsonl"),
+    (["generation.do_sample=maybe"], "true or false"),
+    (["nodot=1"], "section.key"),
+    (["justtext"], "key=value"),
+    (["output.dir=/x/${nowhere}"], "vars.nowhere is not set"),
+])
+def test_bad_config_is_one_clear_line(overrides: list[str], message: str) -> None:
+    with pytest.raises(VlmHpcError, match=message) as info:
+        load_config(None, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(VlmHpcError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed")
+    with pytest.raises(VlmHpcError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize(("rows", "count"), [(15, 1), (15, 4), (15, 15), (3, 7), (1_000_003, 64), (0, 3)])
+def test_slices_are_contiguous_and_balanced(rows: int, count: int) -> None:
+    bounds = [slice_bounds(rows, i, count) for i in range(count)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == rows
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    sizes = [b - a for a, b in bounds]
+    assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(VlmHpcError):
+        slice_bounds(rows, count, count)
+
+
+@pytest.mark.parametrize("key", ["plain_key-1.png", "../x", "/etc/passwd", "a\x00b", "x" * 300, ".", "..",
+                                 ".hidden", "%41", "héllo wörld", "a/b/../../c", "~", "", " ", "CON", "日本語" * 50])
+def test_keys_map_reversibly_inside_the_output(key: str, tmp_path: Path) -> None:
+    relpath = key_to_relpath(key) if key else "%"
+    if key:
+        assert relpath_to_key(relpath) == key
+    parts = relpath.split("/")
+    assert all(part not in ("", ".", "..") and len(part.encode()) <= 201 for part in parts)
+    layout = OutputLayout(tmp_path)
+    if key:
+        resolved = layout.caption_json(key).resolve()
+        assert resolved.is_relative_to(tmp_path.resolve() / "captions")
+
+
+def test_distinct_keys_get_distinct_paths() -> None:
+    keys = ["a", "%a", "a.json", "A", "a b", "a%20b", "x" * 300, "x" * 299 + "y"]
+    assert len({key_to_relpath(k) for k in keys}) == len(keys)
+
+
+def test_intervals_merge_and_pending_rows() -> None:
+    intervals: list[list[int]] = []
+    for start, stop in [(5, 6), (0, 2), (2, 4), (7, 9), (4, 5)]:
+        intervals = add_interval(intervals, start, stop)
+    assert intervals == [[0, 6], [7, 9]]
+    index = SliceIndex(slice=0, num_slices=1, start=0, stop=10, done=intervals)
+    assert index.pending_rows() == [6, 9] and index.finished_rows == 8 and not index.complete

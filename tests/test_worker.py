@@ -1,0 +1,274 @@
+"""The slice worker on the tiny golden model: exact captions, bad rows, stops, leases, crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from builders import (committed_rows, make_dataset, noise_dataset, png, slice_state, start_worker, stop,
+                      wait_for, write_config)
+from conftest import GOLDEN, load_golden
+from vlm_hpc.config import load_config
+from vlm_hpc.engine import CaptionEngine
+from vlm_hpc.verify import verify
+from vlm_hpc.worker import engine_from_config, run_slice
+
+E2E = load_golden("e2e_golden.json")
+GOLDEN_CAPTIONS = dict(zip(E2E["batch"]["keys"], E2E["batch"]["responses"]))
+
+
+@pytest.fixture(scope="module")
+def shared_engine():
+    """One loaded engine for every in-process run (the model is the same; only slices differ)."""
+    cache: dict[str, CaptionEngine] = {}
+
+    def factory(config) -> CaptionEngine:
+        if "engine" not in cache:
+            cache["engine"] = engine_from_config(config)
+        engine = cache["engine"]
+        engine.system_message = config.prompt.system_message or engine.system_message
+        return engine
+    return factory
+
+
+def read_captions(output: Path) -> dict[str, dict]:
+    captions = {}
+    for path in (output / "captions").rglob("*.json"):
+        captions[path.stem] = json.loads(path.read_text())
+    for path in (output / "captions").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            captions[record["key"]] = {"web_caption": record["web_caption"], "vlm_caption": record["vlm_caption"]}
+    return captions
+
+
+@pytest.mark.parametrize(("num_slices", "output_format"), [(1, "json"), (2, "json"), (4, "jsonl"), (15, "json")])
+def test_golden_dataset_gives_the_golden_captions_for_any_slicing(
+        num_slices: int, output_format: str, golden_model_dir: Path, tmp_path: Path, shared_engine) -> None:
+    output = tmp_path / "out"
+    config_path = write_config(tmp_path / "c.yaml", golden_model_dir, GOLDEN / "dataset", output,
+                               output={"format": output_format}, worker={"loader_workers": 0 if num_slices > 2 else 1})
+    config = load_config(config_path)
+    for index in range(num_slices):
+        assert run_slice(config, index, num_slices, engine_factory=shared_engine).status == "done"
+    captions = read_captions(output)
+    index = json.loads((GOLDEN / "images" / "index.json").read_text())["images"]
+    assert set(captions) == {item["key"] for item in index}
+    assert {key: captions[key]["vlm_caption"] for key in GOLDEN_CAPTIONS} == GOLDEN_CAPTIONS
+    assert all(captions[item["key"]]["web_caption"] == item["caption"] for item in index)
+    report = verify(output)
+    assert report.ok and report.captioned == 15, report
+    assert all((output / f"end{i}.txt").exists() for i in range(num_slices))
+    assert (output / "queries" / "query.txt").read_text() == config.prompt.question
+    ledger = [json.loads(line) for path in sorted((output / "failures").glob("*.jsonl"))
+              for line in path.read_text().splitlines()]
+    assert [(entry["key"], entry["reason"], entry["captioned"]) for entry in ledger] == \
+        [("v15_truncated_800x600", "truncated", True)]
+    stamp = json.loads((output / "stamps" / "slice_00000.json").read_text())[0]
+    assert stamp["model_fingerprint"] and stamp["prompt_sha256"] and stamp["generation"]["do_sample"] is False
+
+
+def bomb_png() -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+
+
+def test_bad_rows_are_recorded_and_the_slice_completes(golden_model_dir: Path, tmp_path: Path, shared_engine) -> None:
+    good = png(1)
+    truncated = png(2, (300, 200))
+    rows = [
+        ("ok_first", good, "fine"),
+        ("zero_bytes", b"", "x"),
+        ("not_an_image", b"hello world, I am text", "x"),
+        ("truncated", truncated[: len(truncated) * 6 // 10], "x"),
+        ("one_pixel", png(3, (1, 1)), "x"),
+        ("very_wide", png(4, (100000, 10)), "x"),
+        ("bomb", bomb_png(), "x"),
+        ("no_image", None, "x"),
+        ("ok_first", png(5), "duplicate key"),
+        ("../escape", good, "x"),
+        ("/abs/path", good, "x"),
+        ("nul\x00key", good, "x"),
+        ("k" * 300, good, "x"),
+        (None, good, "no key"),
+        ("no_caption", good, None),
+    ]
+    data = make_dataset(tmp_path / "data", rows)
+    output = tmp_path / "work" / "out"
+    config = load_config(write_config(tmp_path / "c.yaml", golden_model_dir, data, output))
+    assert run_slice(config, 0, 1, engine_factory=shared_engine).status == "done"
+    report = verify(output)
+    assert report.ok, report
+    ledger = {(e["row"], e["reason"], e["captioned"])
+              for e in map(json.loads, (output / "failures" / "slice_00000.jsonl").read_text().splitlines())}
+    assert ledger == {(1, "empty", False), (2, "undecodable", False), (3, "truncated", True),
+                      (6, "too_many_pixels", False), (7, "missing", False), (8, "duplicate_key", False),
+                      (13, "missing_key", False)}
+    captions = read_captions(output)
+    assert {"one_pixel", "very_wide", "truncated", "ok_first", "no_caption"} <= set(captions)
+    assert captions["no_caption"]["web_caption"] is None
+    assert report.captioned == 9 and report.failed == 6
+    everything = [p.resolve() for p in (tmp_path / "work").rglob("*")]
+    assert all(p.is_relative_to(output.resolve()) for p in everything)
+    assert not (tmp_path / "escape").exists() and not Path("/abs/path.json").exists()
+
+
+def test_missing_model_column_or_bad_config_is_one_line_before_any_model_load(golden_model_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    data = noise_dataset(tmp_path / "data", 3)
+    cases = [
+        (write_config(tmp_path / "a.yaml", tmp_path / "no_model", data, tmp_path / "o1"), [], "model:"),
+        (write_config(tmp_path / "b.yaml", golden_model_dir, data, tmp_path / "o2", data={"image_column": "jpg"}),
+         [], "column 'jpg'"),
+        (write_config(tmp_path / "c.yaml", golden_model_dir, data, tmp_path / "o3"), ["generation.batchsize=3"],
+         "did you mean 'batch_size'"),
+        (write_config(tmp_path / "d.yaml", golden_model_dir, tmp_path / "nodata", tmp_path / "o4"), [], "data:"),
+    ]
+    for config, overrides, message in cases:
+        began = time.monotonic()
+        process = start_worker(config, 0, 1, *overrides)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 2, stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+        assert time.monotonic() - began < 30
+    assert not (tmp_path / "o1" / "logs").exists()
+
+
+def test_sigterm_stops_within_grace_and_a_restart_finishes(golden_model_dir: Path, tmp_path: Path) -> None:
+    data = noise_dataset(tmp_path / "data", 40)
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", golden_model_dir, data, output,
+                          generation={"batch_size": 2}, worker={"grace_seconds": 5})
+    process = start_worker(config)
+    wait_for(lambda: committed_rows(output) >= 4, 120, "a few committed batches")
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGCONT)  # Slurm sends SIGCONT with SIGTERM; the handler must not mind
+    process.wait(timeout=30)
+    assert time.monotonic() - sent < 5 + 5
+    assert process.returncode == 0
+    state = slice_state(output)
+    assert state["status"] == "stopped" and state["stop_reason"] == "sigterm"
+    kept = committed_rows(output)
+    assert 4 <= kept < 40
+    assert not (output / "end0.txt").exists()
+    rerun = start_worker(config)
+    assert rerun.wait(timeout=300) == 0
+    assert slice_state(output)["status"] == "done" and committed_rows(output) == 40
+    assert verify(output).ok
+
+
+def test_kill_file_stops_the_slice(golden_model_dir: Path, tmp_path: Path) -> None:
+    data = noise_dataset(tmp_path / "data", 30)
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", golden_model_dir, data, output, generation={"batch_size": 2})
+    process = start_worker(config)
+    wait_for(lambda: committed_rows(output) >= 2, 120, "a committed batch")
+    (output / "kill0.txt").touch()
+    assert process.wait(timeout=60) == 0
+    assert slice_state(output)["stop_reason"] == "kill_file"
+
+
+def test_second_worker_on_the_same_slice_refuses(golden_model_dir: Path, tmp_path: Path) -> None:
+    data = noise_dataset(tmp_path / "data", 30)
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", golden_model_dir, data, output, generation={"batch_size": 2})
+    first = start_worker(config)
+    try:
+        wait_for(lambda: (output / "state" / "slice_00000.lease").exists(), 120, "the first worker's lease")
+        second = start_worker(config)
+        _, stderr = second.communicate(timeout=120)
+        assert second.returncode == 2
+        assert f"pid {first.pid}" in stderr and "being worked on" in stderr and stderr.count("\n") == 1
+    finally:
+        stop(first)
+    # the lease of the killed worker is recovered by the next one
+    rerun = start_worker(config)
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert "took over the slice lease" in (output / "logs" / "slice_00000.log").read_text()
+    assert verify(output).ok
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_instants_loses_and_duplicates_nothing(golden_model_dir: Path, tmp_path: Path) -> None:
+    rows, kills = 120, 22
+    data = noise_dataset(tmp_path / "data", rows)
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", golden_model_dir, data, output,
+                          generation={"batch_size": 2, "max_new_tokens": 6})
+    rng = random.Random(1234)
+    log = output / "logs" / "slice_00000.log"
+    committed_before_attempt: list[set[int]] = []
+    killed = 0
+
+    def count(text: str) -> int:
+        return log.read_text().count(text) if log.exists() else 0
+
+    while killed < kills and committed_rows(output) < rows:
+        before, starts = set(_done_rows(output)), count(" start: ")
+        computed = count("computed rows=")
+        process = start_worker(config)
+        if rng.random() < 0.3:  # during start-up: model load, lease, recovery
+            time.sleep(rng.uniform(0.5, 4.0))
+        else:  # mid-slice: at a random instant after this attempt's first computed batch
+            wait_for(lambda: count("computed rows=") > computed or process.poll() is not None, 120, "a batch")
+            time.sleep(rng.uniform(0.0, 0.8))
+        if process.poll() is None:
+            stop(process, signal.SIGKILL)
+            killed += 1
+        if count(" start: ") > starts:  # killed after it logged its start: an attempt to check below
+            committed_before_attempt.append(before)
+    committed_before_attempt.append(set(_done_rows(output)))
+    final = start_worker(config)
+    _, stderr = final.communicate(timeout=600)
+    assert final.returncode == 0, stderr
+    assert killed >= 20
+    report = verify(output)
+    assert report.ok and report.captioned == rows, report
+    assert not report.lost and not report.duplicate and not report.corrupt
+    # No batch committed by an earlier attempt was computed again by a later one.
+    attempts = (output / "logs" / "slice_00000.log").read_text().split(" start: ")[1:]
+    assert len(attempts) == len(committed_before_attempt)
+    for attempt, already in zip(attempts, committed_before_attempt):
+        computed = {int(r) for line in re.findall(r"computed rows=([\d,]+)", attempt) for r in line.split(",")}
+        assert not computed & already
+
+
+def _done_rows(output: Path) -> list[int]:
+    try:
+        state = slice_state(output)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [row for a, b in state["done"] for row in range(a, b)]
+
+
+def test_resume_skips_committed_rows_without_listing_outputs(golden_model_dir: Path, tmp_path: Path,
+                                                             shared_engine, monkeypatch) -> None:
+    data = noise_dataset(tmp_path / "data", 10)
+    output = tmp_path / "out"
+    config = load_config(write_config(tmp_path / "c.yaml", golden_model_dir, data, output,
+                                      worker={"loader_workers": 0}))
+    assert run_slice(config, 0, 1, engine_factory=shared_engine).status == "done"
+    calls: list[str] = []
+    real_stat = os.stat
+
+    def counting_stat(path, *args, **kwargs):
+        if "captions" in str(path):
+            calls.append(str(path))
+        return real_stat(path, *args, **kwargs)
+    monkeypatch.setattr(os, "stat", counting_stat)
+    assert run_slice(config, 0, 1, engine_factory=shared_engine).status == "done"
+    assert calls == []
