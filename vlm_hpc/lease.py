@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
+import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -31,6 +34,42 @@ def _process_start(pid: int) -> str | None:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
+
+
+def _describe(holder: dict) -> str:
+    slurm = holder.get("array_job_id") and f"{holder['array_job_id']}_{holder.get('array_task_id')}" or holder.get("job_id")
+    age = time.time() - float(holder.get("heartbeat", 0))
+    return (f"host {holder.get('host')} pid {holder.get('pid')}" + (f" (Slurm job {slurm})" if slurm else "")
+            + f", heartbeat {age:.0f}s ago")
+
+
+def _slurm_task_alive(task: str) -> bool:
+    """Whether Slurm still runs (or will run) this task; True when Slurm cannot be asked."""
+    if not shutil.which("squeue"):
+        return True
+    try:
+        result = subprocess.run(["squeue", "-h", "-j", task, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    if result.returncode != 0:
+        return "Invalid job id" not in result.stderr
+    return any(state in result.stdout for state in ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING", "SUSPENDED"))
+
+
+def live_holder(path: Path, stale_seconds: float) -> str | None:
+    """Who holds a slice right now (for status and submit), or None if nobody alive does."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if time.time() - float(holder.get("heartbeat", 0)) > stale_seconds:
+        return None
+    if holder.get("host") == socket.gethostname() and _process_start(int(holder.get("pid", -1))) is None:
+        return None
+    task = holder.get("array_job_id") and f"{holder['array_job_id']}_{holder.get('array_task_id')}" or holder.get("job_id")
+    if task and not _slurm_task_alive(task):
+        return None
+    return _describe(holder)
 
 
 def _takeover_lock(path: Path):
@@ -113,12 +152,7 @@ class SliceLease:
                 return "the previous holder released it"
             reason = self._holder_is_dead(holder)
             if reason is None:
-                who = (f"host {holder.get('host')} pid {holder.get('pid')}"
-                       + (f" (Slurm job {holder.get('array_job_id')}_{holder.get('array_task_id')})"
-                          if holder.get("array_job_id") else
-                          (f" (Slurm job {holder.get('job_id')})" if holder.get("job_id") else "")))
-                age = time.time() - float(holder.get("heartbeat", 0))
-                raise SliceBusy(f"{self.path.name}: slice is being worked on by {who}, heartbeat {age:.0f}s ago; "
+                raise SliceBusy(f"{self.path.name}: slice is being worked on by {_describe(holder)}; "
                                 f"wait for it, or scancel it, or delete {self.path} if it is surely dead")
             write_atomic(self.path, self._record())
             return reason

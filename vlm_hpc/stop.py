@@ -79,3 +79,9 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: Slurm signals every process of the task; only the main process acts on it."""
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+
+
+def resend_time_limit_warning() -> None:
+    """Deliver the time-limit warning again, to whatever handler is installed now (submitit's, which
+    requeues the task), once our own handlers are uninstalled and the slice is committed."""
+    signal.raise_signal(signal.SIGUSR2)

@@ -289,6 +289,7 @@ def run_slice(config: RunConfig, index: int, count: int,
         writer.recover(state)
         state.attempts += 1
         state.status, state.stop_reason, state.started_at = "running", None, time.time()
+        state.rows_at_start = state.finished_rows
         state.save(index_path)
         log.info(f"start: rows [{start}, {stop_row}) of {rows.num_rows}, {state.finished_rows} already done, "
                  f"attempt {state.attempts}, {environment.describe()}")

@@ -1,0 +1,159 @@
+"""`python -m vlm_hpc.status OUTPUT [--json] [--watch [SECONDS]]`: where every slice of a run stands.
+
+Per slice: state (pending, running, stalled, stopped, requeued, done, crashed), rows done/total, failed
+rows, rate, ETA and heartbeat age; then totals and the `--array` that resubmits what is incomplete. Slurm is
+asked once per call (one squeue), never per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vlm_hpc.array_spec import format_indices
+from vlm_hpc.checkpoint import SliceIndex
+from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.layout import OutputLayout
+
+STALLED_AFTER_S = 300  # a running slice whose lease heartbeat is older than this is flagged
+
+
+@dataclass
+class SliceStatus:
+    slice: int
+    state: str
+    rows_done: int
+    rows_total: int
+    failed_rows: int
+    rate: float | None  # rows/s of the current or last attempt
+    eta_s: float | None
+    heartbeat_age_s: float | None
+    slurm: str | None  # the Slurm state of its latest array task, when it has one
+    reason: str | None
+
+
+def _slurm_states(job_ids: set[str]) -> dict[str, str]:
+    """One squeue call for all array tasks: {"A_t": STATE}."""
+    if not job_ids or not shutil.which("squeue"):
+        return {}
+    arrays = sorted({job.split("_")[0] for job in job_ids})
+    try:
+        result = subprocess.run(["squeue", "-h", "-r", "--states=all", "-j", ",".join(arrays), "-o", "%i|%T"],
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    states = {}
+    for line in result.stdout.splitlines():
+        job, _, state = line.partition("|")
+        states[job.strip()] = state.strip()
+    return states
+
+
+def _latest_jobs(layout: OutputLayout) -> dict[int, str]:
+    jobs: dict[int, str] = {}
+    path = layout.root / "submissions.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("cluster") == "slurm":
+                jobs.update({int(k): v for k, v in record["jobs"].items()})
+    return jobs
+
+
+def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
+    """Status of every slice of the run in `output`, and the number of rows."""
+    layout = OutputLayout(Path(output))
+    if not layout.manifest_file.exists():
+        raise VlmHpcError(f"status: {layout.manifest_file} is missing; no run has started in {output}")
+    manifest = json.loads(layout.manifest_file.read_text())
+    count, num_rows = manifest["num_slices"], manifest["num_rows"]
+    jobs = _latest_jobs(layout)
+    slurm = _slurm_states(set(jobs.values()))
+    now = time.time()
+    statuses = []
+    for index in range(count):
+        base, extra = divmod(num_rows, count)
+        total = base + (1 if index < extra else 0)
+        state = SliceIndex.load(layout.index_file(index))
+        slurm_state = slurm.get(jobs.get(index, ""))
+        heartbeat = None
+        try:
+            heartbeat = now - float(json.loads(layout.lease_file(index).read_text())["heartbeat"])
+        except (OSError, ValueError, KeyError):
+            pass
+        if state is None:
+            statuses.append(SliceStatus(index, "running" if slurm_state == "RUNNING" else "pending", 0, total, 0,
+                                        None, None, heartbeat, slurm_state, None))
+            continue
+        name = state.status
+        if name == "running" and (heartbeat is None or heartbeat > STALLED_AFTER_S):
+            name = "stalled" if slurm_state in (None, "RUNNING") else "crashed"
+        if slurm_state == "PENDING" and name != "done":
+            name = "requeued" if state.attempts else "pending"
+        elapsed = (state.updated_at or now) - (state.started_at or now)
+        done_this_attempt = state.finished_rows - state.rows_at_start
+        rate = done_this_attempt / elapsed if elapsed > 0 and done_this_attempt > 0 else None
+        eta = (state.total - state.finished_rows) / rate if rate and name not in ("done",) else None
+        statuses.append(SliceStatus(index, name, state.finished_rows, state.total, state.failures, rate, eta,
+                                    heartbeat, slurm_state, state.stop_reason))
+    return statuses, num_rows
+
+
+def render(output: str, statuses: list[SliceStatus], num_rows: int) -> str:
+    lines = [f"{'slice':>5} {'state':<9} {'rows':>15} {'failed':>6} {'rows/s':>7} {'ETA':>9} {'heartbeat':>9}  slurm"]
+    for s in statuses:
+        eta = time.strftime("%H:%M:%S", time.gmtime(s.eta_s)) if s.eta_s is not None else "-"
+        beat = f"{s.heartbeat_age_s:.0f}s" if s.heartbeat_age_s is not None else "-"
+        rate = f"{s.rate:.2f}" if s.rate is not None else "-"
+        note = f"  ({s.reason})" if s.reason and s.state not in ("done", "running") else ""
+        lines.append(f"{s.slice:>5} {s.state:<9} {f'{s.rows_done}/{s.rows_total}':>15} {s.failed_rows:>6} "
+                     f"{rate:>7} {eta:>9} {beat:>9}  {s.slurm or '-'}{note}")
+    counts: dict[str, int] = {}
+    for s in statuses:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    done_rows = sum(s.rows_done for s in statuses)
+    lines.append(f"total: {done_rows}/{num_rows} rows ({100 * done_rows / max(num_rows, 1):.1f}%), "
+                 f"{sum(s.failed_rows for s in statuses)} failed; slices: "
+                 + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    incomplete = resubmit_indices(statuses)
+    if incomplete:
+        lines.append(f"resubmit what is incomplete: python -m vlm_hpc.submit --config ... --array {format_indices(incomplete)}")
+    return "\n".join(lines)
+
+
+def resubmit_indices(statuses: list[SliceStatus]) -> list[int]:
+    """Slices that are neither done nor running or queued."""
+    return [s.slice for s in statuses if s.state not in ("done", "running") and s.slurm not in ("PENDING", "RUNNING")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlm_hpc.status", description=__doc__.splitlines()[0])
+    parser.add_argument("output")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--watch", nargs="?", type=float, const=10.0, default=None, metavar="SECONDS")
+    args = parser.parse_args(argv)
+    while True:
+        try:
+            statuses, num_rows = collect(args.output)
+        except VlmHpcError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps({"slices": [asdict(s) for s in statuses], "num_rows": num_rows,
+                              "resubmit": format_indices(resubmit_indices(statuses))}))
+        else:
+            print(render(args.output, statuses, num_rows), flush=True)
+        if args.watch is None:
+            return 0
+        time.sleep(args.watch)
+        print()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""`python -m vlm_hpc.submit --config FILE --array SPEC`: one Slurm job array, one slice per array task.
+
+The only module that knows submitit. Array task ids are the slice ids as written (`scancel JOB_5` stops
+slice 5), sparse ones too; a SPEC beyond the cluster's MaxArraySize becomes several arrays with index
+offsets. Everything that can be checked is checked before sbatch; complete and running slices are skipped.
+Without Slurm (no sbatch on PATH) the same array runs on submitit's local executor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import submitit
+from submitit.core import utils as submitit_utils
+from submitit.slurm.slurm import SlurmJob
+
+from vlm_hpc.array_spec import ArraySpec, format_indices, parse_array, split_for_max_array_size
+from vlm_hpc.checkpoint import SliceIndex
+from vlm_hpc.config import RunConfig, load_config
+from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.lease import live_holder
+from vlm_hpc.layout import OutputLayout
+from vlm_hpc.manifest import ensure_manifest
+from vlm_hpc.stop import StopRequest, resend_time_limit_warning
+from vlm_hpc.worker import check_inputs, run_slice
+
+SUBMISSIONS_FILE = "submissions.jsonl"
+
+
+class SliceJob(submitit.helpers.Checkpointable):
+    """What each array task runs: its slice, to completion or to a graceful stop.
+
+    Checkpointable so that on the time-limit warning submitit itself requeues the task (resuming is done
+    by the slice index, so resubmitting the same call is the whole checkpoint).
+    """
+
+    def __init__(self, config: RunConfig, num_slices: int) -> None:
+        self.config = config
+        self.num_slices = num_slices
+
+    def __call__(self, slice_index: int) -> dict:
+        layout = OutputLayout(Path(self.config.output.dir))
+        stop = StopRequest(layout.kill_file(slice_index), self.config.worker.grace_seconds)
+        outcome = run_slice(self.config, slice_index, self.num_slices, stop=stop)
+        summary = {"slice": slice_index, "status": outcome.status, "reason": outcome.reason,
+                   "captions": outcome.index.captions, "failures": outcome.index.failures}
+        under_slurm = submitit.JobEnvironment().cluster == "slurm"
+        if outcome.status == "requeue" and under_slurm:
+            resend_time_limit_warning()  # submitit's handler requeues this task and exits
+        if outcome.status != "done" and under_slurm:
+            sys.exit(0)  # no result pickle: the slice is not finished, whatever Slurm calls the task
+        return summary
+
+
+class SliceArrayExecutor(submitit.SlurmExecutor):
+    """submitit's Slurm executor, but the array's task ids are given (sparse ones too) instead of 0..n-1."""
+
+    task_ids: tuple[int, ...] = ()
+    throttle: int | None = None
+
+    def _internal_process_submissions(self, delayed_submissions: list) -> list:
+        folder = submitit_utils.JobPaths.get_first_id_independent_folder(self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        pickles = []
+        for delayed in delayed_submissions:
+            path = folder / f"{uuid.uuid4().hex}.pkl"
+            delayed.set_timeout(self.parameters.get("time", 5), self.max_num_timeout)
+            delayed.dump(path)
+            pickles.append(path)
+        array = submitit.SlurmExecutor(self.folder, self.max_num_timeout)
+        array.update_parameters(**self.parameters)
+        array.parameters["map_count"] = len(delayed_submissions)  # %A_%a log names
+        extra = dict(array.parameters.get("additional_parameters") or {})
+        extra["array"] = format_indices(self.task_ids) + (f"%{self.throttle}" if self.throttle else "")
+        array.parameters["additional_parameters"] = extra
+        first = array._submit_command(self._submitit_command_str)
+        jobs = [SlurmJob(folder=self.folder, job_id=f"{first.job_id}_{task}", tasks=[0]) for task in self.task_ids]
+        for job, path in zip(jobs, pickles):
+            job.paths.move_temporary_file(path, "submitted_pickle")
+        return jobs
+
+
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (largest array index + 1); Slurm's default 1001 when it cannot be read."""
+    try:
+        result = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
+        match = re.search(r"^MaxArraySize\s*=\s*(\d+)", result.stdout, re.MULTILINE)
+        return int(match.group(1)) if match else 1001
+    except (OSError, subprocess.TimeoutExpired):
+        return 1001
+
+
+def _slurm_executor(config: RunConfig, folder: Path) -> SliceArrayExecutor:
+    s = config.slurm
+    executor = SliceArrayExecutor(folder=folder, max_num_timeout=1000)
+    parameters = {"job_name": s.job_name, "time": s.time_min, "cpus_per_task": s.cpus_per_task,
+                  "gpus_per_node": s.gpus_per_task, "signal_delay_s": s.signal_delay_s,
+                  "additional_parameters": {"requeue": True, **s.extra_sbatch},
+                  "setup": ["export PYTHONUNBUFFERED=1"]}
+    optional = {"partition": s.partition, "account": s.account, "qos": s.qos, "constraint": s.constraint,
+                "mem": f"{s.mem_gb}GB" if s.mem_gb else None}
+    executor.update_parameters(**parameters, **{k: v for k, v in optional.items() if v is not None})
+    return executor
+
+
+def _pending_slices(layout: OutputLayout, spec: ArraySpec, stale_seconds: float) -> tuple[list[int], list[str]]:
+    """Slices to submit, and lines about the ones skipped (complete, or running right now)."""
+    todo, skipped = [], []
+    for index in spec.indices:
+        state = SliceIndex.load(layout.index_file(index))
+        if state is not None and state.complete:
+            skipped.append(f"slice {index}: complete")
+            continue
+        holder = live_holder(layout.lease_file(index), stale_seconds)
+        if holder:
+            skipped.append(f"slice {index}: running ({holder})")
+            continue
+        todo.append(index)
+    return todo, skipped
+
+
+def _set_aside_previous_run(layout: OutputLayout) -> None:
+    """--force on a folder of another run: keep its bookkeeping, out of the way."""
+    suffix = time.strftime("%Y%m%d-%H%M%S")
+    for name in ("state", "failures", "manifest.json"):
+        path = layout.root / name
+        if path.exists():
+            path.rename(layout.root / f"{name}.previous-{suffix}")
+
+
+def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: str, force: bool = False) -> list:
+    """Validate, then submit the incomplete slices of `spec`; returns the submitit jobs."""
+    layout = OutputLayout(Path(config.output.dir))
+    manifest_path = layout.manifest_file
+    previous = json.loads(manifest_path.read_text())["num_slices"] if manifest_path.exists() else None
+    count = num_slices or previous or (max(spec.indices) + 1)
+    if spec.indices[-1] >= count:
+        raise VlmHpcError(f"--array {spec} names slice {spec.indices[-1]}, but the run has {count} slices "
+                          f"(0..{count - 1}); pass --num-slices or a smaller --array")
+    rows, layout = check_inputs(config, spec.indices[0], count)
+    if force and previous is not None:
+        try:
+            ensure_manifest(layout, rows, config, count)
+        except VlmHpcError:
+            _set_aside_previous_run(layout)
+    ensure_manifest(layout, rows, config, count)
+    todo, skipped = _pending_slices(layout, spec, config.worker.stale_lease_seconds)
+    for line in skipped:
+        print(f"skip {line}")
+    if not todo:
+        print(f"nothing to submit: every slice of --array {spec} is complete or running in {layout.root}")
+        return []
+    folder = layout.logs_dir / "submitit"
+    job = SliceJob(config, count)
+    jobs: list = []
+    if cluster == "slurm":
+        for offset, tasks in split_for_max_array_size(tuple(todo), max_array_size()):
+            executor = _slurm_executor(config, folder)
+            executor.task_ids, executor.throttle = tasks, spec.throttle
+            jobs += executor.map_array(job, [offset + task for task in tasks])
+    else:
+        executor = (submitit.LocalExecutor if cluster == "local" else submitit.DebugExecutor)(folder=folder)
+        if cluster == "local":
+            executor.update_parameters(timeout_min=config.slurm.time_min)
+        jobs = executor.map_array(job, todo)
+    record = {"time": time.time(), "cluster": cluster, "array": str(spec), "num_slices": count,
+              "jobs": {str(index): str(j.job_id) for index, j in zip(todo, jobs)}}
+    with open(layout.root / SUBMISSIONS_FILE, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    array_ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
+    print(f"submitted slices {format_indices(todo)} of {count} on {cluster}: job {', '.join(array_ids)}")
+    print(f"output: {layout.root}")
+    print(f"watch:  python -m vlm_hpc.status {layout.root}" +
+          (f"   |   squeue -j {','.join(array_ids)}" if cluster == "slurm" else ""))
+    print(f"logs:   {layout.logs_dir}/slice_NNNNN.log")
+    if cluster == "slurm":
+        print(f"stop:   scancel {array_ids[0]}_N (slice N) or scancel {' '.join(array_ids)}; "
+              "run the same submit command again to resume")
+    else:
+        print(f"stop:   touch {layout.root}/killN.txt (slice N); run the same command again to resume")
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlm_hpc.submit", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("--array", required=True, help="slices to run, as Slurm writes it: 0-63, 0-63%%16, 3,7,10-12")
+    parser.add_argument("--num-slices", type=int, default=None,
+                        help="slices the dataset is cut into (default: largest index + 1, then fixed)")
+    parser.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
+                        help="default: slurm when sbatch is on PATH, else local")
+    parser.add_argument("--force", action="store_true", help="reuse an output folder of another run")
+    parser.add_argument("--wait", action="store_true", help="wait for the jobs and report")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    cluster = args.cluster or ("slurm" if shutil.which("sbatch") else "local")
+    try:
+        config = load_config(args.config, args.overrides)
+        jobs = submit(config, parse_array(args.array), args.num_slices, cluster, args.force)
+    except VlmHpcError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.wait or not jobs:
+        return 0
+    failed = 0
+    for job in jobs:
+        try:
+            summary = job.result()
+            print(f"slice {summary['slice']}: {summary['status']}, {summary['captions']} captions, "
+                  f"{summary['failures']} failures")
+        except Exception as exc:  # a task that was stopped, cancelled or crashed
+            failed += 1
+            print(f"job {job.job_id}: not finished ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
