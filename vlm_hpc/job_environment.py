@@ -16,6 +16,7 @@ class JobEnvironment:
     array_job_id: str | None
     array_task_id: str | None
     restart_count: int
+    cuda_visible_devices: str | None  # set per task by Slurm's gres plugin
 
     @classmethod
     def current(cls) -> JobEnvironment:
@@ -24,6 +25,7 @@ class JobEnvironment:
             host=socket.gethostname(), pid=os.getpid(), job_id=env.get("SLURM_JOB_ID"),
             array_job_id=env.get("SLURM_ARRAY_JOB_ID"), array_task_id=env.get("SLURM_ARRAY_TASK_ID"),
             restart_count=int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+            cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
         )
 
     @property
@@ -34,8 +36,9 @@ class JobEnvironment:
         return self.job_id
 
     def describe(self) -> str:
-        slurm = f", Slurm job {self.slurm_task}" if self.slurm_task else ""
-        return f"host {self.host} pid {self.pid}{slurm}"
+        slurm = f", Slurm job {self.slurm_task} (restart {self.restart_count})" if self.slurm_task else ""
+        gpus = f", CUDA_VISIBLE_DEVICES={self.cuda_visible_devices}" if self.cuda_visible_devices is not None else ""
+        return f"host {self.host} pid {self.pid}{slurm}{gpus}"
 
     def to_dict(self) -> dict:
         return asdict(self)

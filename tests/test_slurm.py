@@ -1,0 +1,153 @@
+"""Submit, watch, stop and requeue on a real single-node Slurm cluster (slurm/cluster.sh).
+
+Needs the Debian Slurm packages (cluster.sh installs them when run as root). Without them these tests skip
+on a laptop, and fail in CI (CI=true), where they must run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from builders import make_dataset, png, wait_for, write_config
+from conftest import GOLDEN
+from vlm_hpc.config import load_config
+from vlm_hpc.status import collect
+from vlm_hpc.verify import verify
+from vlm_hpc.worker import run_slice
+
+ROOT = Path(__file__).parent.parent
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory):
+    """A throw-away cluster for this module; its SLURM_CONF and sacct stand-in are put in os.environ."""
+    if not shutil.which("slurmctld") and os.geteuid() != 0:
+        message = "Slurm is not installed and installing it needs root (apt-get install slurmctld slurmd slurm-client munge)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    folder = tmp_path_factory.mktemp("slurm")
+    up = subprocess.run(["bash", str(ROOT / "slurm" / "cluster.sh"), "up", str(folder)], capture_output=True, text=True)
+    if up.returncode != 0:
+        pytest.fail(f"slurm/cluster.sh up failed:\n{up.stdout}\n{up.stderr}")
+    saved = {name: os.environ.get(name) for name in ("SLURM_CONF", "PATH")}
+    os.environ["SLURM_CONF"] = str(folder / "etc" / "slurm.conf")
+    os.environ["PATH"] = f"{folder / 'bin'}:{os.environ['PATH']}"
+    try:
+        yield folder
+    finally:
+        subprocess.run(["bash", str(ROOT / "slurm" / "cluster.sh"), "down", str(folder)], capture_output=True)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def submit(config: Path, array: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlm_hpc.submit", "--config", str(config), "--array", array, *extra],
+                          capture_output=True, text=True, timeout=300)
+
+
+def states(output: Path) -> dict[int, str]:
+    return {s.slice: s.state for s in collect(output)[0]}
+
+
+def wait_until_done(output: Path, slices, timeout: float) -> None:
+    wait_for(lambda: all(states(output).get(i) == "done" for i in slices), timeout, f"slices {slices} done", 1.0)
+
+
+def squeue_all(job: str) -> str:
+    return subprocess.run(["squeue", "-h", "-r", "--states=all", "-j", job, "-o", "%i|%T|%r"],
+                          capture_output=True, text=True).stdout
+
+
+def test_demo_array_runs_each_task_on_its_own_gpu_and_matches_a_local_run(slurm: Path, golden_model_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", golden_model_dir, GOLDEN / "dataset", output,
+                          slurm={"cpus_per_task": 1, "mem_gb": None, "time_min": 10})
+    result = submit(config, "0-3")
+    assert result.returncode == 0, result.stderr
+    job = re.search(r"job (\d+)", result.stdout).group(1)
+    wait_until_done(output, range(4), 300)
+    logs = [(output / "logs" / f"slice_{i:05d}.log").read_text() for i in range(4)]
+    devices = [re.search(r"Slurm job (\d+_\d+).*CUDA_VISIBLE_DEVICES=(\S+)", log).groups() for log in logs]
+    assert [task for task, _ in devices] == [f"{job}_{i}" for i in range(4)]
+    assert sorted(gpu for _, gpu in devices) == ["0", "1", "2", "3"]
+    assert verify(output).ok
+    local = tmp_path / "local"
+    local_config = load_config(config, [f"output.dir={local}"])
+    for index in range(4):
+        run_slice(local_config, index, 4)
+    read = lambda folder: {p.name: p.read_text() for p in (folder / "captions").glob("*.json")}  # noqa: E731
+    assert read(output) == read(local) and len(read(output)) == 15
+    again = submit(config, "0-3")
+    assert again.returncode == 0 and "nothing to submit" in again.stdout
+    changed = submit(config, "0-3", "data.limit=10")
+    assert changed.returncode == 2 and "belongs to another run" in changed.stderr
+
+
+def slow_dataset(folder: Path, count: int) -> Path:
+    """Images that tile into 7 tiles each, so that a slice takes long enough to be stopped midway."""
+    return make_dataset(folder, [(f"row_{i:04d}", png(i, (64, 48)), f"web {i}") for i in range(count)])
+
+
+def test_scancel_stops_one_slice_gracefully_and_resubmitting_finishes_only_it(slurm: Path, golden_model_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", golden_model_dir, slow_dataset(tmp_path / "data", 48), output,
+                          generation={"batch_size": 2}, worker={"grace_seconds": 3, "loader_workers": 1},
+                          slurm={"cpus_per_task": 1, "mem_gb": None, "time_min": 20})
+    result = submit(config, "0-3")
+    assert result.returncode == 0, result.stderr
+    job = re.search(r"job (\d+)", result.stdout).group(1)
+    index_file = output / "state" / "slice_00002.json"
+    wait_for(lambda: index_file.exists() and json.loads(index_file.read_text())["done"], 300, "slice 2 to commit")
+    cancelled = time.monotonic()
+    subprocess.run(["scancel", f"{job}_2"], check=True)
+    wait_for(lambda: json.loads(index_file.read_text())["status"] != "running", 30, "slice 2 to stop")
+    assert time.monotonic() - cancelled < 5  # before KillWait (5 s on the test cluster)
+    state = json.loads(index_file.read_text())
+    assert state["status"] == "stopped" and state["stop_reason"] == "sigterm"
+    assert 0 < sum(b - a for a, b in state["done"]) < 12
+    wait_until_done(output, [0, 1, 3], 600)
+    time.sleep(8)  # past the scheduler's requeue latency: a requeued task would be back by now
+    assert "CANCELLED" in squeue_all(f"{job}_2") and state["attempts"] == 1
+    assert json.loads(index_file.read_text())["status"] == "stopped"
+    assert states(output)[2] == "stopped"
+    again = submit(config, "0-3")
+    assert again.returncode == 0, again.stderr
+    assert "submitted slices 2 of 4" in again.stdout and again.stdout.count("skip slice") == 3
+    wait_until_done(output, [2], 600)
+    assert verify(output).ok
+
+
+def test_time_limit_commits_requeues_the_same_index_and_completes(slurm: Path, golden_model_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", golden_model_dir, slow_dataset(tmp_path / "data", 40), output,
+                          generation={"batch_size": 2, "max_new_tokens": 16}, worker={"grace_seconds": 3},
+                          slurm={"cpus_per_task": 1, "mem_gb": None, "time_min": 1, "signal_delay_s": 30})
+    result = submit(config, "1", "--num-slices", "2")
+    assert result.returncode == 0, result.stderr
+    job = re.search(r"job (\d+)", result.stdout).group(1)
+    wait_until_done(output, [1], 420)
+    log = (output / "logs" / "slice_00001.log").read_text()
+    assert f"Slurm job {job}_1 (restart 0)" in log and f"Slurm job {job}_1 (restart 1)" in log
+    assert "requeued (time_limit)" in log
+    state = json.loads((output / "state" / "slice_00001.json").read_text())
+    assert state["attempts"] >= 2 and state["status"] == "done"
+    report = verify(output)
+    assert report.captioned == 20 and not (report.lost or report.duplicate or report.corrupt)
+    assert states(output) == {0: "pending", 1: "done"}  # only slice 1 was submitted
