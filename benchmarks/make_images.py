@@ -4,7 +4,7 @@
 
 What it contains (for the default 60 images; a smaller count keeps an evenly spaced subset of the special
 images, a larger one adds more web-sized images):
-* "web" images, long side 300-1024 px, aspect 1:2 to 2:1, about a third portrait. This is most of a
+* "web" images, long side 300-1024 px, aspect 1:2 to 2:1 (log-uniform, so about half portrait). This is most of a
   web-crawled corpus, and it sets the median cost.
 * a few big ones: 4K 3840x2160, 12 MP 4032x3024, 1920x1080 (landscape and portrait), 1280x720, 1600x1200.
   They are few but dominate decode and resize time, as on the web.
@@ -12,7 +12,7 @@ images, a larger one adds more web-sized images):
 * the modes that take other code paths: RGBA, P with a transparent palette index, L, and one JPEG.
 
 Content: "photo-like" images are a smooth colour gradient with blurred shapes and Gaussian noise (sigma 1-6),
-so PNG compression lands at a realistic 6-14 bits/pixel; "graphic-like" images are flat colours, rectangles
+so PNG compression lands at a realistic 10-15 bits/pixel; "graphic-like" images are flat colours, rectangles
 and text, which compress well. The same seed and the same Pillow/numpy versions give byte-identical files.
 """
 

@@ -1,7 +1,7 @@
 """CPU cost of image preprocessing: the original (seed) pipeline against vlm_hpc's, on the same images.
 
-    python benchmarks/preprocess.py --images DIR [--max-num 9] [--repeats 3] [--threads 1]
-                                    [--json PATH] [--stages] [--golden tests/fixtures/golden/tiling_golden.json]
+    python benchmarks/preprocess.py --images DIR [--max-num 9] [--repeats 3] [--threads 1] [--json PATH]
+                                    [--stages] [--with-prototype] [--golden tests/fixtures/golden/tiling_golden.json]
 
 What it measures
 * REFERENCE: the seed's steps, re-written here from their semantics (`reference_preprocess`): ROVI's
@@ -15,18 +15,20 @@ What it measures
 
 How
 1. Every *.png/*.jpg/*.jpeg/*.webp in DIR is read into memory first, so disk time is not measured.
-2. Both pipelines run once on every image and the float32 outputs are compared with `torch.equal`. This is
-   also the warm-up pass.
+2. Every pipeline runs once on every image and its float32 output is compared with the reference's using
+   `torch.equal` (uint8 outputs after the package's exact `normalize`). This is also the warm-up pass. The
+   normalizers are also checked on all 3 x 256 (channel, value) inputs.
 3. Each pipeline makes `--repeats` full passes over all images, interleaved (reference, ours float32, ours
    uint8, then again), so slow drifts of a shared machine hit all three alike. One torch thread, and the
    process is pinned to one CPU, so images/s is per core. Per pass we record wall time and process CPU time;
    CPU/wall well below 1 means another tenant took our core during that pass.
-4. Optional `--stages`: ms per image for each stage of both pipelines (where the time goes).
+4. Optional `--stages`: ms per image for each stage of the pipelines (where the time goes).
+   Optional `--with-prototype`: also check and time the changes prototyped in benchmarks/prototype_fast.py.
    Optional `--golden`: sha256 of the reference's output against the golden file recorded by running the
    original code, which shows that the reference here is the seed's pipeline.
 
 The last line printed is exactly `speedup X.XX identical=yes|no` (X.XX = reference / ours float32, medians).
-Exit status 0 when every image is bit-identical, 1 otherwise.
+Exit status 0 when every checked output is bit-identical, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ REFERENCE_TILE_SIZE = 448
 REFERENCE_MEAN = (0.485, 0.456, 0.406)
 REFERENCE_STD = (0.229, 0.224, 0.225)
 REFERENCE_BLENDED_MODES = ("RGBA", "LA", "RGBa", "La", "CMYK")
+
+# A pinned single-threaded pass that got less CPU than this share of its wall time was preempted.
+PREEMPTED_CPU_OVER_WALL = 0.9
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reference: the seed's preprocessing, step by step. Each stage is its own function so --stages can time it.
@@ -102,7 +107,8 @@ def reference_mode_handling(image: Image.Image) -> Image.Image:
 
 
 def reference_candidate_grids(max_num: int, min_num: int = 1) -> list[tuple[int, int]]:
-    """Every (cols, rows) with min_num <= cols*rows <= max_num: a set sorted by area, rebuilt per image as the seed does."""
+    """Every (cols, rows) with min_num <= cols*rows <= max_num, as a set sorted by area; rebuilt per image, as
+    the seed does."""
     grids = {
         (cols, rows)
         for n in range(min_num, max_num + 1)
@@ -284,7 +290,7 @@ def check_identity(corpus: Corpus, max_num: int, chosen: list[Pipeline]) -> Iden
     """
     reference, others = chosen[0], chosen[1:]
     report = IdentityReport(images=len(corpus.blobs), identical={p.name: 0 for p in others})
-    for image_name, blob in zip(corpus.names, corpus.blobs):
+    for image_name, blob in zip(corpus.names, corpus.blobs, strict=True):
         expected = reference.run(blob, max_num)
         report.tiles += expected.shape[0]
         for pipeline in others:
@@ -328,7 +334,7 @@ class PassTimes:
 
     @property
     def cpu_over_wall(self) -> float:
-        return min(c / w for c, w in zip(self.cpu_s, self.wall_s))
+        return min(c / w for c, w in zip(self.cpu_s, self.wall_s, strict=True))
 
 
 def time_pass(pipeline: Callable[[bytes, int], torch.Tensor], blobs: list[bytes], max_num: int) -> tuple[float, float]:
@@ -406,9 +412,7 @@ def ours_stages(blob: bytes, max_num: int, clock: StageClock) -> None:
 StageFunction = Callable[[bytes, int, StageClock], None]
 
 
-def time_stages(
-    corpus: Corpus, max_num: int, repeats: int, with_prototype: bool
-) -> dict[str, dict[str, float]]:
+def time_stages(corpus: Corpus, max_num: int, repeats: int, with_prototype: bool) -> dict[str, dict[str, float]]:
     """Median over repeats of ms per image for every stage of each pipeline."""
     stage_functions: dict[str, StageFunction] = {"reference": reference_stages, "ours": ours_stages}
     if with_prototype:
@@ -442,7 +446,7 @@ def check_golden(corpus: Corpus, max_num: int, golden_json: Path) -> dict[str, o
     if not expected:
         result["note"] = f"the golden file has no cases for max_num {max_num} (it has {golden['max_nums']})"
         return result
-    for name, blob in zip(corpus.names, corpus.blobs):
+    for name, blob in zip(corpus.names, corpus.blobs, strict=True):
         key = file_to_key.get(name)
         if key not in expected:
             continue
@@ -518,9 +522,21 @@ def print_report(
     print("(ms/img and img/s/core from the median pass; cpu/wall is the lowest over the passes, well below 1.0")
     print(" means another process took our core; identical = images whose float32 output equals the reference's")
     print(" bit for bit (torch.equal), uint8 pipelines through the package's exact normalize)")
+    preempted = sum(
+        cpu / wall < PREEMPTED_CPU_OVER_WALL
+        for result in times.values()
+        for cpu, wall in zip(result.cpu_s, result.wall_s, strict=True)
+    )
+    if preempted:
+        print(
+            f"warning: {preempted} pass(es) ran with cpu/wall < {PREEMPTED_CPU_OVER_WALL}: the machine was busy; "
+            "compare medians with care or run again"
+        )
     for mismatch in identity.mismatches:
-        print(f"  MISMATCH {mismatch.pipeline} on {mismatch.image}: reference {mismatch.reference_shape}, "
-              f"ours {mismatch.ours_shape}, max |diff| {mismatch.max_abs_diff}")
+        print(
+            f"  MISMATCH {mismatch.pipeline} on {mismatch.image}: reference {mismatch.reference_shape}, "
+            f"ours {mismatch.ours_shape}, max |diff| {mismatch.max_abs_diff}"
+        )
     return reference.median / times["ours float32"].median
 
 
@@ -570,14 +586,18 @@ def main(argv: list[str] | None = None) -> int:
     golden = check_golden(corpus, args.max_num, args.golden) if args.golden else None
 
     speedup = print_report(corpus, args, cpu, identity, times)
-    print("exhaustive normalize check (3 x 256 inputs): "
-          + ", ".join(f"{name} {'exact' if ok else 'NOT EXACT'}" for name, ok in normalize_exact.items()))
+    print(
+        "exhaustive normalize check (3 x 256 inputs): "
+        + ", ".join(f"{name} {'exact' if ok else 'NOT EXACT'}" for name, ok in normalize_exact.items())
+    )
     if stages:
         print_stages(stages)
     if golden:
-        print(f"golden ({args.golden.name}, max_num {args.max_num}): {golden['checked']} images checked, "
-              f"reference sha256 match {golden['reference_match']}, ours {golden['ours_match']}"
-              + (f"; {golden['note']}" if "note" in golden else ""))
+        print(
+            f"golden ({args.golden.name}, max_num {args.max_num}): {golden['checked']} images checked, "
+            f"reference sha256 match {golden['reference_match']}, ours {golden['ours_match']}"
+            + (f"; {golden['note']}" if "note" in golden else "")
+        )
     identical = not identity.mismatches and all(normalize_exact.values())
     if args.json:
         count = len(corpus.blobs)

@@ -4,7 +4,7 @@ Nothing in the package imports this file. Both changes keep the output bit-ident
 
 1. `prototype_normalize`: on the CPU, normalize with torchvision's own float32 ops, in place, over all tiles at
    once: `u8.to(float32).div_(255).sub_(mean).div_(std)`. The package's `normalize` gathers from a [3, 256]
-   table with an int32 index tensor, which on the CPU costs ~10x more than the arithmetic (int32 widening,
+   table with an int32 index tensor, which on the CPU costs 6-10x more than the arithmetic (int32 widening,
    offset add, then a gather). The table is still the right tool on CUDA, where a division by a scalar is a
    multiplication by its reciprocal and so not exact; that is why the CPU branch is chosen by device.
    These ops are element-wise, and IEEE float32 subtraction and division are correctly rounded in the SIMD and
@@ -84,7 +84,6 @@ def prototype_preprocess_uint8(data: bytes, max_num: int) -> torch.Tensor:
 def prototype_preprocess_package_tiles(data: bytes, max_num: int) -> torch.Tensor:
     """Only change 1 (CPU normalize), with the package's tile_image: isolates the normalize fix."""
     return prototype_normalize(tile_image(decode_image(data).image, max_num))
-
 
 
 def prototype_stages(blob: bytes, max_num: int, clock) -> None:  # clock: preprocess.StageClock

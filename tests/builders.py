@@ -38,6 +38,12 @@ def noise_dataset(folder: Path, count: int) -> Path:
     return make_dataset(folder, [(f"img_{i:04d}", png(i), f"web caption {i}") for i in range(count)])
 
 
+def slow_dataset(folder: Path, count: int) -> Path:
+    """Images that tile into 7 tiles each (4:3 at max_num 6), so that a slice takes long enough to be
+    stopped midway."""
+    return make_dataset(folder, [(f"row_{i:04d}", png(i, (64, 48)), f"web {i}") for i in range(count)])
+
+
 def write_config(path: Path, model_path: Path, data_path: Path, output_dir: Path, **sections: dict) -> Path:
     """A worker config for the tiny model on the CPU: greedy, short, small batches."""
     config = {

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from builders import make_dataset, png, wait_for, write_config
+from builders import slow_dataset, wait_for, write_config
 from conftest import GOLDEN
 from vlm_hpc.config import load_config
 from vlm_hpc.status import collect
@@ -98,11 +98,6 @@ def test_demo_array_runs_each_task_on_its_own_gpu_and_matches_a_local_run(slurm:
     assert changed.returncode == 2 and "belongs to another run" in changed.stderr
 
 
-def slow_dataset(folder: Path, count: int) -> Path:
-    """Images that tile into 7 tiles each, so that a slice takes long enough to be stopped midway."""
-    return make_dataset(folder, [(f"row_{i:04d}", png(i, (64, 48)), f"web {i}") for i in range(count)])
-
-
 def test_scancel_stops_one_slice_gracefully_and_resubmitting_finishes_only_it(slurm: Path, golden_model_dir: Path,
                                                                               tmp_path: Path) -> None:
     output = tmp_path / "out"
@@ -135,19 +130,22 @@ def test_scancel_stops_one_slice_gracefully_and_resubmitting_finishes_only_it(sl
 
 def test_time_limit_commits_requeues_the_same_index_and_completes(slurm: Path, golden_model_dir: Path,
                                                                    tmp_path: Path) -> None:
+    # 2-minute limit, warning 60 s before: Slurm's 30 s tick delivers it 30-60 s into each run, and the slice
+    # holds well over a minute of work, so it must be requeued at least once before it can finish.
     output = tmp_path / "out"
-    config = write_config(tmp_path / "c.yaml", golden_model_dir, slow_dataset(tmp_path / "data", 40), output,
-                          generation={"batch_size": 2, "max_new_tokens": 16}, worker={"grace_seconds": 3},
-                          slurm={"cpus_per_task": 1, "mem_gb": None, "time_min": 1, "signal_delay_s": 30})
+    rows = 2 * 1000
+    config = write_config(tmp_path / "c.yaml", golden_model_dir, slow_dataset(tmp_path / "data", rows), output,
+                          generation={"batch_size": 4}, worker={"grace_seconds": 3},
+                          slurm={"cpus_per_task": 1, "mem_gb": None, "time_min": 2, "signal_delay_s": 60})
     result = submit(config, "1", "--num-slices", "2")
     assert result.returncode == 0, result.stderr
     job = re.search(r"job (\d+)", result.stdout).group(1)
-    wait_until_done(output, [1], 420)
+    wait_until_done(output, [1], 900)
     log = (output / "logs" / "slice_00001.log").read_text()
     assert f"Slurm job {job}_1 (restart 0)" in log and f"Slurm job {job}_1 (restart 1)" in log
     assert "requeued (time_limit)" in log
     state = json.loads((output / "state" / "slice_00001.json").read_text())
     assert state["attempts"] >= 2 and state["status"] == "done"
     report = verify(output)
-    assert report.captioned == 20 and not (report.lost or report.duplicate or report.corrupt)
+    assert report.captioned == rows // 2 and not (report.lost or report.duplicate or report.corrupt)
     assert states(output) == {0: "pending", 1: "done"}  # only slice 1 was submitted

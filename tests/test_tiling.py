@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import GOLDEN, load_golden
 from vlm_hpc.imaging import blend_onto_white, decode_image
-from vlm_hpc.tiling import IMAGENET_MEAN, IMAGENET_STD, choose_grid, normalize, tile_count, tile_image
+from vlm_hpc.tiling import (IMAGENET_MEAN, IMAGENET_STD, choose_grid, normalize, normalize_by_table, tile_count,
+                            tile_image)
 
 TILING = load_golden("tiling_golden.json")
 IMAGES = {item["key"]: item for item in TILING["images"]}
@@ -91,6 +92,8 @@ def test_normalize_equals_torchvision_float32_ops() -> None:
     expected = torch.stack([tile.float().div(255).sub_(mean).div_(std) for tile in tiles])
     assert torch.equal(normalize(tiles), expected)
     assert normalize(tiles, torch.bfloat16).dtype == torch.bfloat16
+    every_value = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16).contiguous()
+    assert torch.equal(normalize_by_table(every_value), normalize(every_value))
 
 
 def test_single_tile_has_no_thumbnail_and_multi_tile_ends_with_it() -> None:

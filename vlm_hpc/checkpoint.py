@@ -26,6 +26,17 @@ def add_interval(intervals: list[list[int]], start: int, stop: int) -> list[list
     return merged
 
 
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted rows as contiguous [start, stop) runs."""
+    runs: list[tuple[int, int]] = []
+    for row in sorted(rows):
+        if runs and row == runs[-1][1]:
+            runs[-1] = (runs[-1][0], row + 1)
+        else:
+            runs.append((row, row + 1))
+    return runs
+
+
 def rows_in(intervals: list[list[int]]) -> int:
     return sum(b - a for a, b in intervals)
 
@@ -94,8 +105,8 @@ class SliceIndex:
     def commit(self, path: Path, rows: list[int], captions: int, failures: int, captions_offset: int,
                failures_offset: int, samples: int, seconds: float) -> None:
         """Mark rows finished and record the new committed file sizes, atomically."""
-        for row in rows:
-            self.done = add_interval(self.done, row, row + 1)
+        for start, stop in _runs(rows):
+            self.done = add_interval(self.done, start, stop)
         self.captions += captions
         self.failures += failures
         self.captions_offset = captions_offset

@@ -73,6 +73,8 @@ class WorkerSection:
     prefetch_batches: int = 4
     grace_seconds: float = 20.0  # finish the batch in flight within this after a stop signal (Slurm KillWait: 30)
     heartbeat_seconds: float = 10.0
+    commit_seconds: float = 2.0  # commit finished batches at least this often (each commit costs fsyncs)
+    commit_rows: int = 1024  # ... or as soon as this many rows are finished
     stale_lease_seconds: float = 120.0  # a lease not refreshed for this long is considered dead
 
 
@@ -112,7 +114,7 @@ _CHOICES = {("model", "dtype"): ("float32", "bfloat16", "float16"), ("model", "d
             ("output", "format"): ("json", "jsonl")}
 _POSITIVE = {("tiling", "max_num"), ("generation", "batch_size"), ("generation", "max_new_tokens"),
              ("generation", "num_beams"), ("output", "max_sample_images"), ("worker", "grace_seconds"),
-             ("worker", "heartbeat_seconds"), ("worker", "stale_lease_seconds"), ("worker", "prefetch_batches"),
+             ("worker", "heartbeat_seconds"), ("worker", "commit_rows"), ("worker", "stale_lease_seconds"), ("worker", "prefetch_batches"),
              ("slurm", "time_min"), ("slurm", "cpus_per_task"), ("slurm", "gpus_per_task")}
 
 

@@ -106,11 +106,25 @@ def _normalization_table() -> torch.Tensor:
 
 def normalize(tiles: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 tiles [n, 3, H, W] -> ImageNet-normalized [n, 3, H, W] on the tiles' device, bit-identical to
-    ToTensor + Normalize in float32 (then cast to `dtype`, as the original casts pixel_values to the model)."""
+    ToTensor + Normalize in float32 (then cast to `dtype`, as the original casts pixel_values to the model).
+
+    On the CPU: torchvision's own float32 operations in its order (exact, and the fastest there). Elsewhere:
+    a lookup into the CPU-computed table, because e.g. CUDA divides by a scalar via its reciprocal."""
     if tiles.dtype != torch.uint8 or tiles.dim() != 4 or tiles.shape[1] != 3:
         raise ValueError(f"normalize needs uint8 tiles [n, 3, H, W], got {tiles.dtype} {tuple(tiles.shape)}")
+    if tiles.device.type == "cpu":
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+        normalized = tiles.to(torch.float32).div_(255).sub_(mean).div_(std)
+    else:
+        normalized = normalize_by_table(tiles)
+    return normalized if dtype == torch.float32 else normalized.to(dtype)
+
+
+def normalize_by_table(tiles: torch.Tensor) -> torch.Tensor:
+    """The accelerator path of `normalize`: exact on any device (public so that tests compare it with the
+    CPU path)."""
     table = _normalization_table().to(tiles.device)
     # Flat index c*256 + v picks channel c's entry for value v.
     offsets = torch.arange(0, 3 * 256, 256, device=tiles.device, dtype=torch.int32).view(1, 3, 1, 1)
-    normalized = table.view(-1)[tiles.int() + offsets]
-    return normalized if dtype == torch.float32 else normalized.to(dtype)
+    return table.view(-1)[tiles.int() + offsets]

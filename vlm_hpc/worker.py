@@ -315,6 +315,17 @@ def run_slice(config: RunConfig, index: int, count: int,
             if lease.lost.is_set():
                 raise BatchAbandoned("the slice lease was taken by another worker")
 
+        finished: list[RowOutcome] = []  # computed, not yet committed
+        finished_seconds = 0.0
+        last_commit = time.monotonic()
+
+        def commit() -> None:
+            nonlocal finished, finished_seconds, last_commit
+            if finished and not lease.lost.is_set():
+                writer.commit_batch(finished, state, finished_seconds)
+                log.info(progress.line())
+            finished, finished_seconds, last_commit = [], 0.0, time.monotonic()
+
         for batch in loader:
             if stop.requested or lease.lost.is_set():
                 break
@@ -325,14 +336,15 @@ def run_slice(config: RunConfig, index: int, count: int,
             except BatchAbandoned as exc:
                 log.info(f"abandoned rows {batch[0].row}..{batch[-1].row}: {exc}")
                 break
-            seconds = time.monotonic() - began
+            finished_seconds += time.monotonic() - began
             log.info(f"computed rows={','.join(str(p.row) for p in batch)}")
-            if lease.lost.is_set():
-                break
-            writer.commit_batch(_outcomes(batch, captions), state, seconds)
+            finished += _outcomes(batch, captions)
             progress.add(len(batch), sum(p.tiles.shape[0] for p in ready),
                          sum(len(c.token_ids) for c in captions.values() if c is not None))
-            log.info(progress.line())
+            if (len(finished) >= config.worker.commit_rows
+                    or time.monotonic() - last_commit >= config.worker.commit_seconds):
+                commit()
+        commit()
         if lease.lost.is_set():
             log.info("stopping: another worker took over this slice's lease; nothing more is committed here")
             return SliceOutcome("stopped", "lease_lost", state)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlm_hpc.checkpoint import SliceIndex
-from vlm_hpc.durable import append_durable, fsync_dir, truncate_to, write_atomic
+from vlm_hpc.durable import append_durable, truncate_to, write_many_atomic
 from vlm_hpc.layout import OutputLayout
 
 
@@ -57,27 +57,19 @@ class SliceWriter:
         """Make every output of the batch durable, then record the batch in the index (the commit point)."""
         captioned = [o for o in outcomes if o.caption is not None]
         captions_offset = index.captions_offset
+        files: list[tuple[Path, bytes]] = []
         if self.format == "json":
-            folders: set[Path] = set()
             for outcome in captioned:
-                path = self.layout.caption_json(outcome.key)
                 body = {"web_caption": outcome.web_caption, "vlm_caption": outcome.caption}
-                write_atomic(path, json.dumps(body, ensure_ascii=False).encode(), sync_dir=False,
-                             temp_dir=self.temp_dir)
-                folders.add(path.parent)
-            for folder in folders:
-                fsync_dir(folder)
+                files.append((self.layout.caption_json(outcome.key), json.dumps(body, ensure_ascii=False).encode()))
         elif captioned:
             lines = "".join(json.dumps({"key": o.key, "web_caption": o.web_caption, "vlm_caption": o.caption,
                                         "row": o.row}, ensure_ascii=False) + "\n" for o in captioned)
             captions_offset = append_durable(self.layout.caption_jsonl(self.slice), lines.encode(), captions_offset)
-        samples = 0
-        for outcome in outcomes:
-            if outcome.sample is not None and outcome.key is not None:
-                data, extension = outcome.sample
-                write_atomic(self.layout.sample_image(outcome.key, extension), data, sync_dir=False,
-                             temp_dir=self.temp_dir)
-                samples += 1
+        samples = [o for o in outcomes if o.sample is not None and o.key is not None]
+        files += [(self.layout.sample_image(o.key, o.sample[1]), o.sample[0]) for o in samples]
+        if files:
+            write_many_atomic(files, self.temp_dir)
         failures_offset = index.failures_offset
         ledger = [o.ledger_line() for o in outcomes if o.failure is not None]
         if ledger:
@@ -85,4 +77,4 @@ class SliceWriter:
             failures_offset = append_durable(self.layout.failures_file(self.slice), text.encode(), failures_offset)
         index.commit(self.layout.index_file(self.slice), [o.row for o in outcomes], captions=len(captioned),
                      failures=sum(o.caption is None for o in outcomes), captions_offset=captions_offset,
-                     failures_offset=failures_offset, samples=samples, seconds=seconds)
+                     failures_offset=failures_offset, samples=len(samples), seconds=seconds)
