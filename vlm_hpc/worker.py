@@ -91,6 +91,32 @@ def _extension(data: bytes) -> str:
     return {"JPEG": "jpg"}.get(name, name.lower() or "bin")
 
 
+@dataclass
+class PreparedBatch:
+    """A batch as it crosses from a DataLoader process: every tile in one tensor (one shared-memory
+    transfer per batch, not one per row), handed back as per-row views by `unpack`."""
+
+    prepared: list[PreparedRow]
+    tiles: torch.Tensor | None
+    owners: list[int]  # positions in `prepared` of the rows whose tiles are in `tiles`, in order
+    counts: list[int]
+
+    @classmethod
+    def pack(cls, prepared: list[PreparedRow]) -> PreparedBatch:
+        owners = [i for i, p in enumerate(prepared) if p.tiles is not None]
+        counts = [prepared[i].tiles.shape[0] for i in owners]
+        tiles = torch.cat([prepared[i].tiles for i in owners]) if owners else None
+        for i in owners:
+            prepared[i].tiles = None
+        return cls(prepared, tiles, owners, counts)
+
+    def unpack(self) -> list[PreparedRow]:
+        if self.tiles is not None:
+            for i, view in zip(self.owners, torch.split(self.tiles, self.counts)):
+                self.prepared[i].tiles = view
+        return self.prepared
+
+
 class SliceBatches(Dataset):
     """Item i = batch i of the pending rows, prepared (read, decoded, tiled) in a DataLoader process."""
 
@@ -106,15 +132,15 @@ class SliceBatches(Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, item: int) -> list[PreparedRow]:
+    def __getitem__(self, item: int) -> PreparedBatch:
         wanted = self.batches[item]
         keep = set(wanted)
         rows = [r for r in self.rows.read(wanted[0], wanted[-1] + 1) if r.index in keep]
-        return [prepare_row(r, self.max_num, self.skip_truncated, self.duplicates.get(str(r.index)),
-                            r.index % self.sample_stride == 0) for r in rows]
+        return PreparedBatch.pack([prepare_row(r, self.max_num, self.skip_truncated, self.duplicates.get(str(r.index)),
+                                               r.index % self.sample_stride == 0) for r in rows])
 
 
-def _collate(items: list[list[PreparedRow]]) -> list[PreparedRow]:
+def _collate(items: list[PreparedBatch]) -> PreparedBatch:
     return items[0]
 
 
@@ -326,9 +352,10 @@ def run_slice(config: RunConfig, index: int, count: int,
                 log.info(progress.line())
             finished, finished_seconds, last_commit = [], 0.0, time.monotonic()
 
-        for batch in loader:
+        for packed in loader:
             if stop.requested or lease.lost.is_set():
                 break
+            batch = packed.unpack()
             began = time.monotonic()
             ready = [p for p in batch if p.tiles is not None]
             try:
