@@ -1,7 +1,7 @@
 """CPU cost of image preprocessing: the original (seed) pipeline against vlm_hpc's, on the same images.
 
     python benchmarks/preprocess.py --images DIR [--max-num 9] [--repeats 3] [--threads 1] [--json PATH]
-                                    [--stages] [--with-prototype] [--golden tests/fixtures/golden/tiling_golden.json]
+                                    [--stages] [--golden tests/fixtures/golden/tiling_golden.json]
 
 What it measures
 * REFERENCE: the seed's steps, re-written here from their semantics (`reference_preprocess`): ROVI's
@@ -23,7 +23,6 @@ How
    process is pinned to one CPU, so images/s is per core. Per pass we record wall time and process CPU time;
    CPU/wall well below 1 means another tenant took our core during that pass.
 4. Optional `--stages`: ms per image for each stage of the pipelines (where the time goes).
-   Optional `--with-prototype`: also check and time the changes prototyped in benchmarks/prototype_fast.py.
    Optional `--golden`: sha256 of the reference's output against the golden file recorded by running the
    original code, which shows that the reference here is the seed's pipeline.
 
@@ -224,22 +223,13 @@ class Pipeline:
     output: str  # "float32": pixel_values; "uint8": tiles, checked through the package's exact `normalize`
 
 
-def pipelines(with_prototype: bool) -> list[Pipeline]:
+def pipelines() -> list[Pipeline]:
     """The timed pipelines; the reference comes first, every speedup is relative to it."""
-    chosen = [
+    return [
         Pipeline("reference", reference_preprocess, "float32"),
         Pipeline("ours float32", ours_preprocess, "float32"),
         Pipeline("ours uint8", ours_preprocess_uint8, "uint8"),
     ]
-    if with_prototype:
-        import prototype_fast as proto  # benchmarks/ is on sys.path when this file is run as a script
-
-        chosen += [
-            Pipeline("proto norm f32", proto.prototype_preprocess_package_tiles, "float32"),
-            Pipeline("proto float32", proto.prototype_preprocess, "float32"),
-            Pipeline("proto uint8", proto.prototype_preprocess_uint8, "uint8"),
-        ]
-    return chosen
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,13 +402,9 @@ def ours_stages(blob: bytes, max_num: int, clock: StageClock) -> None:
 StageFunction = Callable[[bytes, int, StageClock], None]
 
 
-def time_stages(corpus: Corpus, max_num: int, repeats: int, with_prototype: bool) -> dict[str, dict[str, float]]:
+def time_stages(corpus: Corpus, max_num: int, repeats: int) -> dict[str, dict[str, float]]:
     """Median over repeats of ms per image for every stage of each pipeline."""
     stage_functions: dict[str, StageFunction] = {"reference": reference_stages, "ours": ours_stages}
-    if with_prototype:
-        import prototype_fast as proto
-
-        stage_functions["proto"] = proto.prototype_stages
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in stage_functions}
     for _ in range(repeats):
         for name, stages in stage_functions.items():
@@ -556,9 +542,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 1 also pins one CPU)")
     parser.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: the last allowed one)")
     parser.add_argument("--stages", action="store_true", help="also time each stage of the pipelines")
-    parser.add_argument(
-        "--with-prototype", action="store_true", help="also time the changes prototyped in prototype_fast.py"
-    )
     parser.add_argument("--golden", type=Path, default=None, help="tiling_golden.json to check sha256 against")
     parser.add_argument("--json", type=Path, default=None, help="write all numbers to this JSON file")
     args = parser.parse_args(argv)
@@ -572,17 +555,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cpu = pin_to_one_cpu(args.cpu) if args.threads == 1 else None
     corpus = load_corpus(args.images)
-    chosen = pipelines(args.with_prototype)
+    chosen = pipelines()
     load_before = load_average()
 
     normalize_exact = {"package normalize": check_normalize_exhaustively(normalize)}
-    if args.with_prototype:
-        import prototype_fast as proto
-
-        normalize_exact["prototype_normalize"] = check_normalize_exhaustively(proto.prototype_normalize)
     identity = check_identity(corpus, args.max_num, chosen)
     times = time_pipelines(corpus, args.max_num, args.repeats, chosen)
-    stages = time_stages(corpus, args.max_num, args.repeats, args.with_prototype) if args.stages else None
+    stages = time_stages(corpus, args.max_num, args.repeats) if args.stages else None
     golden = check_golden(corpus, args.max_num, args.golden) if args.golden else None
 
     speedup = print_report(corpus, args, cpu, identity, times)

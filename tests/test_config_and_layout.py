@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from vlm_hpc.array_spec import format_indices, parse_array, split_for_max_array_size
 from vlm_hpc.checkpoint import SliceIndex, add_interval
 from vlm_hpc.config import load_config
 from vlm_hpc.dataset import slice_bounds
@@ -94,3 +95,26 @@ def test_intervals_merge_and_pending_rows() -> None:
     assert intervals == [[0, 6], [7, 9]]
     index = SliceIndex(slice=0, num_slices=1, start=0, stop=10, done=intervals)
     assert index.pending_rows() == [6, 9] and index.finished_rows == 8 and not index.complete
+
+
+@pytest.mark.parametrize(("spec", "indices", "throttle"), [
+    ("0-63", tuple(range(64)), None), ("0-63%16", tuple(range(64)), 16), ("3,7,10-12", (3, 7, 10, 11, 12), None),
+    ("5", (5,), None), ("0-10:5", (0, 5, 10), None), ("7,3,3", (3, 7), None),
+])
+def test_array_specs_parse_as_slurm_writes_them(spec: str, indices: tuple, throttle: int | None) -> None:
+    parsed = parse_array(spec)
+    assert parsed.indices == indices and parsed.throttle == throttle
+    assert parse_array(str(parsed)).indices == indices
+
+
+@pytest.mark.parametrize("spec", ["", "a-b", "5-3", "1,,2", "0-3%0", "0-3%x", "-1"])
+def test_bad_array_specs_are_refused(spec: str) -> None:
+    with pytest.raises(VlmHpcError, match="--array"):
+        parse_array(spec)
+
+
+def test_array_splits_by_max_array_size_with_offsets() -> None:
+    assert format_indices([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    groups = split_for_max_array_size((0, 5, 999, 1000, 1001, 2500), 1000)
+    assert groups == [(0, (0, 5, 999)), (1000, (0, 1)), (2000, (500,))]
+    assert all(task < 1000 for _, tasks in groups for task in tasks)

@@ -272,3 +272,26 @@ def test_resume_skips_committed_rows_without_listing_outputs(golden_model_dir: P
     monkeypatch.setattr(os, "stat", counting_stat)
     assert run_slice(config, 0, 1, engine_factory=shared_engine).status == "done"
     assert calls == []
+
+
+def test_parquet_and_image_feature_inputs_give_the_same_captions(golden_model_dir: Path, tmp_path: Path,
+                                                                 shared_engine) -> None:
+    import datasets
+    source = datasets.load_from_disk(str(GOLDEN / "dataset"))
+    parquet = tmp_path / "golden.parquet"
+    source.to_parquet(str(parquet), batch_size=4)  # several row groups
+    with_image_feature = source.map(lambda row: {"image": {"bytes": row["png"], "path": None}},
+                                    remove_columns=["png"]).cast_column("image", datasets.Image())
+    with_image_feature.save_to_disk(str(tmp_path / "image_feature"))
+    results = []
+    for name, data, overrides in [("parquet", parquet, {}), ("feature", tmp_path / "image_feature",
+                                                            {"data": {"image_column": "image"}})]:
+        output = tmp_path / name
+        config = load_config(write_config(tmp_path / f"{name}.yaml", golden_model_dir, data, output,
+                                          worker={"loader_workers": 0}, **overrides))
+        for index in range(3):
+            assert run_slice(config, index, 3, engine_factory=shared_engine).status == "done"
+        assert verify(output).ok
+        results.append(read_captions(output))
+    assert results[0] == results[1]
+    assert {key: results[0][key]["vlm_caption"] for key in GOLDEN_CAPTIONS} == GOLDEN_CAPTIONS

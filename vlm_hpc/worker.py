@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -199,8 +199,10 @@ class Progress:
 def _caption_with_backoff(engine: CaptionEngine, batch: list[PreparedRow], max_num: int, poll: Callable[[], None],
                           log: logging.Logger) -> dict[int, Caption | None]:
     """Captions by row; on CUDA out-of-memory split the batch, then retry a single image with fewer tiles."""
+    # Sampling seed per batch from its first row: a resumed slice draws what an uninterrupted one would.
+    settings = replace(engine.settings, seed=engine.settings.seed + batch[0].row)
     try:
-        return dict(zip([p.row for p in batch], engine.caption([p.tiles for p in batch], poll=poll)))
+        return dict(zip([p.row for p in batch], engine.caption([p.tiles for p in batch], settings, poll=poll)))
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
     if len(batch) > 1:
@@ -215,7 +217,7 @@ def _caption_with_backoff(engine: CaptionEngine, batch: list[PreparedRow], max_n
         retry = PreparedRow(only.row, only.key, only.web_caption,
                             tiles=tile_image(decode_image(only.image_bytes).image, budget))
         try:
-            return {only.row: engine.caption([retry.tiles], poll=poll)[0]}
+            return {only.row: engine.caption([retry.tiles], settings, poll=poll)[0]}
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             budget //= 2

@@ -1,0 +1,169 @@
+"""Engine throughput on random weights: the seed-style baseline against larger batches, same images.
+
+    python benchmarks/engine.py --model v15 --device cuda --max-num 6 9 12 40 --json PATH   # on an H200
+    python benchmarks/engine.py --smoke                                                     # CPU, tiny model
+
+`v15` builds transformers' native InternVL at InternVL-Chat-V1.5's exact shapes (InternViT-6B 448px, 45
+layers; InternLM2-20B as Llama, 48 layers, GQA 48/8) through `vlm_hpc.weight_mapping.native_config`, and
+initialises it on the device in bf16: no download. Prompts have the real structure (BOS, ~220 text tokens
+standing for the system message and the seed's question, 256 image tokens per tile); images are drawn from
+typical web sizes and tiled with the real `tile_count`. Every row generates exactly `--new-tokens` tokens
+(EOS ignored) so runs compare. The baseline is the seed's: a fixed batch of 6 images, one generate() call
+per batch. Each configuration reports images/s, tiles/s, tokens/s, achieved TFLOP/s (estimated from
+parameter counts), its fraction of `--peak-tflops`, and peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import InternVLForConditionalGeneration
+
+from vlm_hpc.tiling import normalize, tile_count
+from vlm_hpc.tiny_model import original_config
+from vlm_hpc.weight_mapping import native_config, num_image_token
+
+# A web-like size mix (width, height): small, typical, HD, 4K, extreme aspect ratios.
+SIZES = [(640, 480), (800, 600), (1024, 768), (500, 750), (1280, 720), (1920, 1080), (1080, 1920), (3840, 2160),
+         (1000, 1000), (448, 448), (2400, 300), (600, 4000), (1600, 1200), (320, 240)]
+TEXT_TOKENS = 220  # system message + the seed's question, roughly, in InternLM2 tokens
+V15_IMAGE_TOKEN = 92546
+
+
+def v15_original_config() -> dict:
+    """InternVL-Chat-V1.5's architecture in the original config format (sizes from the released config)."""
+    config = original_config()
+    config["vision_config"].update(hidden_size=3200, num_hidden_layers=45, num_attention_heads=25,
+                                   intermediate_size=12800)
+    config["llm_config"].update(hidden_size=6144, num_hidden_layers=48, num_attention_heads=48,
+                                num_key_value_heads=8, intermediate_size=16384, vocab_size=92553,
+                                rope_scaling={"type": "dynamic", "factor": 2.0})
+    return config
+
+
+def build_model(kind: str, device: str, dtype: torch.dtype) -> tuple[InternVLForConditionalGeneration, int, dict]:
+    original = v15_original_config() if kind == "v15" else original_config()
+    image_token = V15_IMAGE_TOKEN if kind == "v15" else 506
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(native_config(original, image_token))
+    model.set_attn_implementation("sdpa")
+    model.to(dtype).to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.zero_()
+            elif parameter.dim() == 1 and ("norm" in name or "lambda" in name):
+                parameter.fill_(1.0 if "norm" in name else 0.1)
+            else:
+                parameter.normal_(0.0, 0.02, generator=generator)
+        rotary = model.model.language_model.rotary_emb
+        fresh = type(rotary)(rotary.config)
+        rotary.inv_freq, rotary.original_inv_freq = fresh.inv_freq.to(device), fresh.original_inv_freq.to(device)
+    model.eval()
+    return model, image_token, original
+
+
+def parameter_counts(model: InternVLForConditionalGeneration) -> dict[str, int]:
+    vision = sum(p.numel() for p in model.model.vision_tower.parameters())
+    llm = sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
+    llm -= model.model.language_model.embed_tokens.weight.numel()  # a lookup, not a matmul
+    return {"vision": vision, "llm": llm}
+
+
+def make_workload(count: int, max_num: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [tile_count(*rng.choice(SIZES), max_num) for _ in range(count)]
+
+
+def run_batches(model, image_token: int, tiles_per_image: list[int], batch_size: int, new_tokens: int,
+                per_tile: int, device: str, dtype: torch.dtype) -> dict:
+    """Caption the workload in fixed batches, one generate() call per batch; returns the timings."""
+    generated = 0
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    began = time.perf_counter()
+    for start in range(0, len(tiles_per_image), batch_size):
+        counts = tiles_per_image[start:start + batch_size]
+        lengths = [1 + TEXT_TOKENS + 2 + per_tile * n for n in counts]
+        width = max(lengths)
+        input_ids = torch.full((len(counts), width), 2, dtype=torch.long)
+        attention = torch.zeros((len(counts), width), dtype=torch.long)
+        for row, (n, length) in enumerate(zip(counts, lengths)):
+            prompt = [1] + [300] * (TEXT_TOKENS // 2) + [image_token - 2] + [image_token] * (per_tile * n) \
+                + [image_token - 1] + [301] * (TEXT_TOKENS - TEXT_TOKENS // 2)
+            input_ids[row, width - length:] = torch.tensor(prompt)
+            attention[row, width - length:] = 1
+        uint8 = torch.randint(0, 256, (sum(counts), 3, 448, 448), dtype=torch.uint8).pin_memory() \
+            if device.startswith("cuda") else torch.randint(0, 256, (sum(counts), 3, 448, 448), dtype=torch.uint8)
+        with torch.inference_mode():
+            pixel_values = normalize(uint8.to(device, non_blocking=True), dtype=dtype)
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                    pixel_values=pixel_values, max_new_tokens=new_tokens,
+                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=2, eos_token_id=None)
+        generated += (output.shape[1] - width) * len(counts)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - began
+    memory = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    return {"seconds": seconds, "tokens": generated, "peak_gib": memory}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("v15", "tiny"), default="v15")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--max-num", type=int, nargs="+", default=[6, 9, 12, 40])
+    parser.add_argument("--images", type=int, default=48, help="images per configuration")
+    parser.add_argument("--new-tokens", type=int, default=168)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[6, 16, 32], help="the first is the baseline")
+    parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 peak measured on an H200")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, a few images: keeps CI honest")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.model, args.device, args.max_num, args.images, args.new_tokens = "tiny", "cpu", [1, 6], 4, 4
+        args.batch_sizes = [2, 4]
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model, image_token, original = build_model(args.model, args.device, dtype)
+    counts = parameter_counts(model)
+    per_tile = num_image_token(original)
+    vision_tokens = (448 // 14) ** 2 + 1
+    results = []
+    print(f"{'max_num':>7} {'batch':>5} {'img/s':>7} {'tiles/s':>8} {'tok/s':>8} {'TFLOP/s':>8} {'peak%':>6} "
+          f"{'GiB':>6} {'vs base':>7}")
+    for max_num in args.max_num:
+        workload = make_workload(args.images, max_num, seed=max_num)
+        baseline = None
+        for batch_size in args.batch_sizes:
+            timing = run_batches(model, image_token, workload, batch_size, args.new_tokens, per_tile,
+                                 args.device, dtype)
+            tiles = sum(workload)
+            prompt_tokens = sum(1 + TEXT_TOKENS + 2 + per_tile * n for n in workload)
+            flops = 2 * (counts["vision"] * vision_tokens * tiles + counts["llm"] * (prompt_tokens + timing["tokens"]))
+            images_per_s = len(workload) / timing["seconds"]
+            baseline = baseline or images_per_s
+            row = {"max_num": max_num, "batch_size": batch_size, "images": len(workload), "tiles": tiles,
+                   "images_per_s": images_per_s, "tiles_per_s": tiles / timing["seconds"],
+                   "tokens_per_s": timing["tokens"] / timing["seconds"], "tflops": flops / timing["seconds"] / 1e12,
+                   "peak_fraction": flops / timing["seconds"] / 1e12 / args.peak_tflops,
+                   "peak_gib": timing["peak_gib"], "speedup_vs_baseline": images_per_s / baseline}
+            results.append(row)
+            print(f"{max_num:>7} {batch_size:>5} {row['images_per_s']:>7.3f} {row['tiles_per_s']:>8.2f} "
+                  f"{row['tokens_per_s']:>8.1f} {row['tflops']:>8.2f} {100 * row['peak_fraction']:>5.1f}% "
+                  f"{row['peak_gib'] or 0:>6.1f} {row['speedup_vs_baseline']:>6.2f}x", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "parameters": counts,
+                                         "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
