@@ -5,7 +5,7 @@
 # directory, its own port pair and 4 fake GPUs, so that submitit job arrays can be tested on a
 # machine without a GPU, systemd, cgroups or DNS. Several clusters (different DIRs) can coexist.
 #
-#   bash slurm/cluster.sh up DIR [--port P] [--auth munge|none] [--gpus N] [--cpus N]
+#   bash slurm/cluster.sh up DIR [--port P] [--auth munge|none] [--gpus N] [--cpus N] [--max-array-size N]
 #   source DIR/env.sh          # SLURM_CONF + DIR/bin (sacct stand-in for submitit) first on PATH
 #   bash slurm/cluster.sh status DIR
 #   bash slurm/cluster.sh down DIR
@@ -25,7 +25,7 @@ readonly STOP_TIMEOUT_S=10        # down: how long each daemon gets between shut
 
 usage() {
     cat <<EOF
-usage: bash $PROG up DIR [--port P] [--auth munge|none] [--gpus N] [--cpus N]
+usage: bash $PROG up DIR [--port P] [--auth munge|none] [--gpus N] [--cpus N] [--max-array-size N]
        bash $PROG down DIR
        bash $PROG status DIR
 
@@ -34,6 +34,7 @@ usage: bash $PROG up DIR [--port P] [--auth munge|none] [--gpus N] [--cpus N]
           --auth A    munge or none (default: munge if munged is installed, else none)
           --gpus N    fake GPUs DIR/dev/nvidia0..N-1 (default 4)
           --cpus N    CPUs the node advertises, whatever the hardware has (default 8)
+          --max-array-size N  Slurm's MaxArraySize (default 1001)
   down    cancel all jobs of the cluster in DIR and stop its daemons (quiet if already stopped)
   status  print sinfo if the cluster in DIR is up; exit 0 if up, 3 if not
 EOF
@@ -261,7 +262,7 @@ make_fake_gpus() {
 }
 
 write_slurm_conf() {
-    local port=$1 auth=$2 gpus=$3 cpus=$4 auth_lines gres_line=
+    local port=$1 auth=$2 gpus=$3 cpus=$4 max_array_size=$5 auth_lines gres_line=
     if [[ $auth == munge ]]; then
         # Our own socket: there is no /run/munge here, and every munge user must name it (pitfall 4).
         auth_lines="AuthType=auth/munge
@@ -316,6 +317,8 @@ ReturnToService=2
 JobRequeue=1
 # SIGTERM -> SIGKILL gap for cancelled and requeued tasks.
 KillWait=5
+# Largest array index + 1 (Slurm's default 1001); small values test splitting a submission into arrays.
+MaxArraySize=$max_array_size
 GresTypes=gpu
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=8000$gres_line State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
@@ -457,14 +460,15 @@ cmd_up() {
     (($# >= 1)) || { usage >&2; exit 2; }
     set_paths "$1"
     shift
-    local port='' auth='' gpus=4 cpus=8
+    local port='' auth='' gpus=4 cpus=8 max_array_size=1001
     while (($#)); do
         case $1 in
             --port) port=${2-}; shift 2 || die "--port needs a value" ;;
             --auth) auth=${2-}; shift 2 || die "--auth needs a value" ;;
             --gpus) gpus=${2-}; shift 2 || die "--gpus needs a value" ;;
             --cpus) cpus=${2-}; shift 2 || die "--cpus needs a value" ;;
-            --port=* | --auth=* | --gpus=* | --cpus=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
+            --max-array-size) max_array_size=${2-}; shift 2 || die "--max-array-size needs a value" ;;
+            --port=* | --auth=* | --gpus=* | --cpus=* | --max-array-size=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
             -h | --help) usage; exit 0 ;;
             *) die "unknown option for up: '$1' (see: bash $PROG --help)" ;;
         esac
@@ -474,6 +478,7 @@ cmd_up() {
         die "--port must be a number in 1024..65534, not '$port'"
     [[ $gpus =~ ^(0|[1-9][0-9]?)$ && $gpus -le 64 ]] || die "--gpus must be a number in 0..64, not '$gpus'"
     [[ $cpus =~ ^[1-9][0-9]*$ ]] || die "--cpus must be a positive number, not '$cpus'"
+    [[ $max_array_size =~ ^[1-9][0-9]*$ ]] || die "--max-array-size must be a positive number, not '$max_array_size'"
     if [[ -e $DIR && ! -e $DIR/$MARKER ]] && [[ -n $(ls -A -- "$DIR") ]]; then
         die "$DIR exists, is not empty and was not made by $PROG; give an empty or new DIR"
     fi
@@ -508,7 +513,7 @@ cmd_up() {
     rm -rf -- "$DIR/state" "$DIR/spool" "$DIR/run"
     mkdir -p "$DIR"/{etc,state,spool,log,run,bin}
     make_fake_gpus "$gpus"
-    write_slurm_conf "$port" "$auth" "$gpus" "$cpus"
+    write_slurm_conf "$port" "$auth" "$gpus" "$cpus" "$max_array_size"
     write_sacct_standin
     if [[ $auth == munge ]]; then start_munged; fi
     start_slurm_daemons

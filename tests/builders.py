@@ -61,9 +61,10 @@ def write_config(path: Path, model_path: Path, data_path: Path, output_dir: Path
 
 
 def start_worker(config: Path, index: int = 0, count: int = 1, *overrides: str) -> subprocess.Popen:
+    # Its own process group, so that a test can signal the whole task (DataLoader workers too), as Slurm does.
     return subprocess.Popen([sys.executable, "-m", "vlm_hpc.worker", "--config", str(config), "--slice", str(index),
                              "--num-slices", str(count), *overrides],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> None:

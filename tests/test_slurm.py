@@ -37,7 +37,9 @@ def slurm(tmp_path_factory: pytest.TempPathFactory):
             pytest.fail(message)
         pytest.skip(message)
     folder = tmp_path_factory.mktemp("slurm")
-    up = subprocess.run(["bash", str(ROOT / "slurm" / "cluster.sh"), "up", str(folder)], capture_output=True, text=True)
+    # MaxArraySize 4: --array beyond index 3 must be split into several arrays.
+    up = subprocess.run(["bash", str(ROOT / "slurm" / "cluster.sh"), "up", str(folder), "--max-array-size", "4"],
+                        capture_output=True, text=True)
     if up.returncode != 0:
         pytest.fail(f"slurm/cluster.sh up failed:\n{up.stdout}\n{up.stderr}")
     saved = {name: os.environ.get(name) for name in ("SLURM_CONF", "PATH")}
@@ -109,6 +111,7 @@ def test_scancel_stops_one_slice_gracefully_and_resubmitting_finishes_only_it(sl
     job = re.search(r"job (\d+)", result.stdout).group(1)
     index_file = output / "state" / "slice_00002.json"
     wait_for(lambda: index_file.exists() and json.loads(index_file.read_text())["done"], 300, "slice 2 to commit")
+    assert states(output)[2] == "running"
     cancelled = time.monotonic()
     subprocess.run(["scancel", f"{job}_2"], check=True)
     wait_for(lambda: json.loads(index_file.read_text())["status"] != "running", 30, "slice 2 to stop")
@@ -149,3 +152,17 @@ def test_time_limit_commits_requeues_the_same_index_and_completes(slurm: Path, g
     report = verify(output)
     assert report.captioned == rows // 2 and not (report.lost or report.duplicate or report.corrupt)
     assert states(output) == {0: "pending", 1: "done"}  # only slice 1 was submitted
+
+
+def test_array_beyond_max_array_size_is_split_with_offsets(slurm: Path, golden_model_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", golden_model_dir, GOLDEN / "dataset", output,
+                          slurm={"cpus_per_task": 1, "mem_gb": None, "time_min": 10})
+    result = submit(config, "2-5", "--num-slices", "6")
+    assert result.returncode == 0, result.stderr
+    first, second = re.search(r"job (\d+), (\d+)", result.stdout).groups()
+    wait_until_done(output, [2, 3, 4, 5], 300)
+    tasks = {i: re.search(r"Slurm job (\d+_\d+)", (output / "logs" / f"slice_{i:05d}.log").read_text()).group(1)
+             for i in range(2, 6)}
+    assert tasks == {2: f"{first}_2", 3: f"{first}_3", 4: f"{second}_0", 5: f"{second}_1"}
+    assert states(output) == {0: "pending", 1: "pending", 2: "done", 3: "done", 4: "done", 5: "done"}

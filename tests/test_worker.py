@@ -13,6 +13,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from builders import (committed_rows, make_dataset, noise_dataset, png, slice_state, slow_dataset, start_worker,
                       stop, wait_for, write_config)
@@ -154,11 +155,14 @@ def test_sigterm_stops_within_grace_and_a_restart_finishes(golden_model_dir: Pat
     process = start_worker(config)
     wait_for(lambda: committed_rows(output) >= 4, 120, "a few committed batches")
     sent = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    process.send_signal(signal.SIGCONT)  # Slurm sends SIGCONT with SIGTERM; the handler must not mind
+    # Like Slurm: every process of the task (the DataLoader workers too) gets SIGCONT and SIGTERM, and a time
+    # limit sends SIGTERM twice; the workers must neither die from it nor swallow it, the handler must not mind.
+    for number in (signal.SIGCONT, signal.SIGTERM, signal.SIGTERM):
+        os.killpg(process.pid, number)
     process.wait(timeout=30)
     assert time.monotonic() - sent < 5 + 5
-    assert process.returncode == 0
+    assert process.returncode == 0, process.stderr.read()
+    assert "DataLoader worker" not in process.stderr.read()
     state = slice_state(output)
     assert state["status"] == "stopped" and state["stop_reason"] == "sigterm"
     kept = committed_rows(output)
@@ -295,3 +299,52 @@ def test_parquet_and_image_feature_inputs_give_the_same_captions(golden_model_di
         results.append(read_captions(output))
     assert results[0] == results[1]
     assert {key: results[0][key]["vlm_caption"] for key in GOLDEN_CAPTIONS} == GOLDEN_CAPTIONS
+
+
+class MemoryLimitedEngine:
+    """The real engine behind a tile budget that raises CUDA's out-of-memory error: a stand-in for a GPU's
+    memory limit, which a CPU test cannot reach."""
+
+    def __init__(self, engine: CaptionEngine, budget: int) -> None:
+        self.engine = engine
+        self.budget = budget
+        self.calls: list[int] = []
+
+    def caption(self, tiles, settings=None, poll=None):
+        self.calls.append(sum(t.shape[0] for t in tiles))
+        if self.calls[-1] > self.budget:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test budget)")
+        return self.engine.caption(tiles, settings, poll=poll)
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+
+def test_out_of_memory_splits_batches_then_retries_with_fewer_tiles(golden_model_dir: Path, tmp_path: Path,
+                                                                    shared_engine) -> None:
+    rows = [(f"wide_{i}", png(i, (64, 48)), "w") for i in range(4)] + [(f"square_{i}", png(10 + i), "s") for i in range(4)]
+    data = make_dataset(tmp_path / "data", rows)  # 7 tiles each for wide_*, 1 for square_*
+    captions = {}
+    for budget in (100, 8, 5, 0):
+        output = tmp_path / f"budget_{budget}"
+        config = load_config(write_config(tmp_path / f"{budget}.yaml", golden_model_dir, data, output,
+                                          worker={"loader_workers": 0}))
+        engine: dict = {}
+
+        def factory(config, budget=budget):
+            engine["limited"] = MemoryLimitedEngine(shared_engine(config), budget)
+            return engine["limited"]
+        assert run_slice(config, 0, 1, engine_factory=factory).status == "done"
+        assert verify(output).ok
+        captions[budget] = read_captions(output)
+        ledger_path = output / "failures" / "slice_00000.jsonl"
+        ledger = [json.loads(line) for line in ledger_path.read_text().splitlines()] if ledger_path.exists() else []
+        if budget == 100:
+            assert ledger == [] and max(engine["limited"].calls) > 8
+        if budget == 8:  # batches split until they fit; same captions (greedy ids do not depend on batching)
+            assert captions[8] == captions[100] and max(c for c in engine["limited"].calls if c <= 8) <= 8
+        if budget == 5:  # a 7-tile image alone does not fit: retried at max_num 3, the others unchanged
+            assert set(captions[5]) == set(captions[100]) and ledger == []
+            assert all(captions[5][k] == captions[100][k] for k in captions[100] if k.startswith("square"))
+        if budget == 0:
+            assert captions[0] == {} and {e["reason"] for e in ledger} == {"out_of_memory"} and len(ledger) == 8
