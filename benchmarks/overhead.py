@@ -25,7 +25,7 @@ import torch
 import vlm_hpc.worker as worker
 from vlm_hpc.checkpoint import SliceIndex
 from vlm_hpc.config import load_config
-from vlm_hpc.engine import Caption
+from vlm_hpc.engine import Caption, GenerationSettings
 from vlm_hpc.layout import OutputLayout
 from vlm_hpc.manifest import ensure_manifest
 from vlm_hpc.tiny_model import write_tiny_model
@@ -35,6 +35,7 @@ class NullEngine:
     """Captions instantly; what the worker needs of an engine and nothing more."""
 
     system_message = "null"
+    settings = GenerationSettings()
     device = torch.device("cpu")
     dtype = torch.float32
 

@@ -143,7 +143,15 @@ def test_time_limit_commits_requeues_the_same_index_and_completes(slurm: Path, g
     result = submit(config, "1", "--num-slices", "2")
     assert result.returncode == 0, result.stderr
     job = re.search(r"job (\d+)", result.stdout).group(1)
-    wait_until_done(output, [1], 900)
+    seen: list[str] = []  # slice 1's state as status reports it, polled throughout
+
+    def done() -> bool:
+        state = states(output).get(1)
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        return state == "done"
+    wait_for(done, 900, "slice 1 done", 0.5)
+    assert seen.index("running") < seen.index("requeued") < seen.index("done"), seen
     log = (output / "logs" / "slice_00001.log").read_text()
     assert f"Slurm job {job}_1 (restart 0)" in log and f"Slurm job {job}_1 (restart 1)" in log
     assert "requeued (time_limit)" in log

@@ -229,5 +229,4 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         _set_dotted(raw, dotted)
     config = _build(raw, source)
     _interpolate(config, source)
-    # Relative paths are relative to the directory the command runs in, like the seed's launcher.
     return config

@@ -152,9 +152,9 @@ def open_rows(config: DataSection) -> RowSource:
 
 
 def dataset_fingerprint(source: RowSource, config: DataSection) -> str:
-    """Identifies the input: path, columns, row count and the first and last keys (no full scan)."""
+    """Identifies the input by content, not location (nodes may mount it elsewhere): columns, row count and
+    the first and last keys (no full scan)."""
     first = source.keys(0, min(source.num_rows, 8))
     last = source.keys(max(0, source.num_rows - 8), source.num_rows)
-    text = json.dumps([str(Path(config.path).resolve()), config.key_column, config.image_column,
-                       config.caption_column, source.num_rows, first, last])
+    text = json.dumps([config.key_column, config.image_column, config.caption_column, source.num_rows, first, last])
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -84,7 +84,7 @@ class CaptionEngine:
                     attn_implementation: str = "sdpa") -> CaptionEngine:
         """Load a model folder; the system message defaults to what the original takes from config.json."""
         folder = inspect_model_folder(path)
-        model = load_model(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+        model = load_model(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)
         return cls(model, load_tokenizer(path), system_message=system_message or folder.system_message,
                    question=question, settings=settings, num_image_token=folder.num_image_token)
 

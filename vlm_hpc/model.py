@@ -110,11 +110,11 @@ def iter_native_tensors(folder: ModelFolder):
                     yield from map_tensor(key, tensor, shapes)
 
 
-def load_model(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, device: str | torch.device = "cpu",
-               attn_implementation: str = "sdpa") -> InternVLForConditionalGeneration:
+def load_model(path: str | Path | ModelFolder, dtype: torch.dtype | str = torch.bfloat16,
+               device: str | torch.device = "cpu", attn_implementation: str = "sdpa") -> InternVLForConditionalGeneration:
     """Load an InternVL-Chat-V1.5 folder (original or native layout) strictly: every checkpoint tensor used,
     every model tensor filled, else an error naming the keys."""
-    folder = inspect_model_folder(path)
+    folder = path if isinstance(path, ModelFolder) else inspect_model_folder(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     device = torch.device(device)
     with torch.device("meta"):

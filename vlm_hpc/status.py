@@ -105,7 +105,7 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
     return statuses, num_rows
 
 
-def render(output: str, statuses: list[SliceStatus], num_rows: int) -> str:
+def render(statuses: list[SliceStatus], num_rows: int) -> str:
     lines = [f"{'slice':>5} {'state':<9} {'rows':>15} {'failed':>6} {'rows/s':>7} {'ETA':>9} {'heartbeat':>9}  slurm"]
     for s in statuses:
         eta = time.strftime("%H:%M:%S", time.gmtime(s.eta_s)) if s.eta_s is not None else "-"
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"slices": [asdict(s) for s in statuses], "num_rows": num_rows,
                               "resubmit": format_indices(resubmit_indices(statuses))}))
         else:
-            print(render(args.output, statuses, num_rows), flush=True)
+            print(render(statuses, num_rows), flush=True)
         if args.watch is None:
             return 0
         time.sleep(args.watch)
