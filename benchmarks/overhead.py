@@ -22,6 +22,7 @@ from pathlib import Path
 import datasets
 import torch
 
+import vlm_hpc.prefetch as prefetch
 import vlm_hpc.worker as worker
 from vlm_hpc.checkpoint import SliceIndex
 from vlm_hpc.config import load_config
@@ -48,7 +49,7 @@ class NullEngine:
 
 def null_prepare(row, max_num, skip_truncated, duplicate_of, is_sample):
     """Stands in for decode + tile: one empty 'tile', so the engine path is taken."""
-    return worker.PreparedRow(row.index, row.key, row.caption, tiles=torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
+    return prefetch.PreparedRow(row.index, row.key, row.caption, tiles=torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
 
 
 def make_dataset(folder: Path, rows: int) -> Path:
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    worker.prepare_row = null_prepare  # the benchmark's one substitution: no image work
+    prefetch.prepare_row = null_prepare  # the benchmark's one substitution: no image work
     work = Path(tempfile.mkdtemp(prefix="vlm_hpc_overhead_"))
     try:
         model = write_tiny_model(work / "model")

@@ -1,0 +1,134 @@
+"""Rows to ready batches, ahead of the model: read, decode and tile in DataLoader processes.
+
+Each item is one batch of pending rows. Its uint8 tiles cross to the main process as a single tensor (one
+shared-memory transfer per batch), and rows that cannot be captioned come with their failure reason.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from vlm_hpc.config import RunConfig, WorkerSection
+from vlm_hpc.dataset import Row, RowSource
+from vlm_hpc.errors import ImageRejected
+from vlm_hpc.imaging import decode_image
+from vlm_hpc.manifest import RunManifest
+from vlm_hpc.stop import ignore_stop_signals
+from vlm_hpc.tiling import tile_image
+
+
+@dataclass
+class PreparedRow:
+    """A row after CPU work: uint8 tiles ready for the model, or why it cannot be captioned."""
+
+    row: int
+    key: str | None
+    web_caption: str | None
+    tiles: torch.Tensor | None = None
+    failure: str | None = None
+    detail: str = ""
+    truncated: bool = False
+    image_bytes: bytes | None = None  # kept for sample images and for retrying with fewer tiles
+    sample_extension: str | None = None
+
+
+def prepare_row(row: Row, max_num: int, skip_truncated: bool, duplicate_of: int | None, is_sample: bool) -> PreparedRow:
+    """Decode and tile one row, or say why not (runs in DataLoader processes)."""
+    prepared = PreparedRow(row.index, row.key, row.caption)
+    if row.key is None or row.key == "":
+        prepared.failure, prepared.detail = "missing_key", "the key cell is empty"
+        return prepared
+    if duplicate_of is not None:
+        prepared.failure, prepared.detail = "duplicate_key", f"row {duplicate_of} has the same key and is captioned"
+        return prepared
+    try:
+        decoded = decode_image(row.image)
+        if decoded.truncated and skip_truncated:
+            prepared.failure, prepared.detail, prepared.truncated = "truncated", "skipped (tiling.skip_truncated)", True
+            return prepared
+        prepared.tiles = tile_image(decoded.image, max_num)
+        prepared.truncated = decoded.truncated
+        if decoded.truncated:
+            prepared.failure, prepared.detail = "truncated", "file is cut short; captioned like the original (rest black)"
+        if is_sample or decoded.truncated:
+            prepared.image_bytes = row.image
+        if is_sample:
+            prepared.sample_extension = _extension(row.image)
+    except ImageRejected as exc:
+        prepared.failure, prepared.detail = exc.reason, exc.detail
+    return prepared
+
+
+def _extension(data: bytes) -> str:
+    try:
+        name = Image.open(io.BytesIO(data)).format or ""
+    except Exception:
+        return "bin"
+    return {"JPEG": "jpg"}.get(name, name.lower() or "bin")
+
+
+@dataclass
+class PreparedBatch:
+    """A batch as it crosses from a DataLoader process: every tile in one tensor (one shared-memory
+    transfer per batch, not one per row), handed back as per-row views by `unpack`."""
+
+    prepared: list[PreparedRow]
+    tiles: torch.Tensor | None
+    owners: list[int]  # positions in `prepared` of the rows whose tiles are in `tiles`, in order
+    counts: list[int]
+
+    @classmethod
+    def pack(cls, prepared: list[PreparedRow]) -> PreparedBatch:
+        owners = [i for i, p in enumerate(prepared) if p.tiles is not None]
+        counts = [prepared[i].tiles.shape[0] for i in owners]
+        tiles = torch.cat([prepared[i].tiles for i in owners]) if owners else None
+        for i in owners:
+            prepared[i].tiles = None
+        return cls(prepared, tiles, owners, counts)
+
+    def unpack(self) -> list[PreparedRow]:
+        if self.tiles is not None:
+            for i, view in zip(self.owners, torch.split(self.tiles, self.counts)):
+                self.prepared[i].tiles = view
+        return self.prepared
+
+
+class SliceBatches(Dataset):
+    """Item i = batch i of the pending rows, prepared (read, decoded, tiled) in a DataLoader process."""
+
+    def __init__(self, rows: RowSource, batches: list[list[int]], config: RunConfig, manifest: RunManifest,
+                 sample_stride: int) -> None:
+        self.rows = rows
+        self.batches = batches
+        self.max_num = config.tiling.max_num
+        self.skip_truncated = config.tiling.skip_truncated
+        self.duplicates = manifest.duplicate_rows
+        self.sample_stride = sample_stride
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, item: int) -> PreparedBatch:
+        wanted = self.batches[item]
+        keep = set(wanted)
+        rows = [r for r in self.rows.read(wanted[0], wanted[-1] + 1) if r.index in keep]
+        return PreparedBatch.pack([prepare_row(r, self.max_num, self.skip_truncated, self.duplicates.get(str(r.index)),
+                                               r.index % self.sample_stride == 0) for r in rows])
+
+
+def _collate(items: list[PreparedBatch]) -> PreparedBatch:
+    return items[0]
+
+
+def batch_loader(batches: SliceBatches, settings: WorkerSection) -> DataLoader:
+    """A DataLoader preparing `settings.prefetch_batches` batches ahead in `settings.loader_workers`
+    processes (0: in this process), which ignore stop signals: only the main process acts on them."""
+    workers = settings.loader_workers
+    return DataLoader(batches, batch_size=1, collate_fn=_collate, num_workers=workers,
+                      prefetch_factor=settings.prefetch_batches if workers else None,
+                      worker_init_fn=ignore_stop_signals if workers else None)
