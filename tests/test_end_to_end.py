@@ -51,7 +51,7 @@ def test_captions_equal_the_originals(name: str, run: dict, system_message: str 
     assert (logits - torch.tensor(run["step0_full_logits"])).abs().max() < 1e-4
 
 
-def test_system_message_default_is_what_the_original_used(engine: CaptionEngine) -> None:
+def test_tokens_per_tile_is_what_the_original_used(engine: CaptionEngine) -> None:
     assert E2E["model_facts"]["num_image_token"] == engine.num_image_token
 
 

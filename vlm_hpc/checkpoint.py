@@ -61,7 +61,6 @@ class SliceIndex:
     started_at: float | None = None
     rows_at_start: int = 0  # finished rows when the current attempt started (for its rate)
     updated_at: float | None = None
-    duplicate_rows: dict[str, int] = field(default_factory=dict)  # row -> earlier row with the same key
     compute_seconds: float = 0.0  # model time spent on committed batches, across attempts
 
     @property

@@ -33,7 +33,6 @@ class DecodedImage:
 
     image: Image.Image
     truncated: bool
-    source_mode: str
 
 
 def decode_image(data: bytes | None, max_pixels: int = MAX_PIXELS) -> DecodedImage:
@@ -62,7 +61,7 @@ def decode_image(data: bytes | None, max_pixels: int = MAX_PIXELS) -> DecodedIma
     truncated = _load_pixels(opened, data)
     if truncated:
         opened = _load_truncated(data)
-    return DecodedImage(image=_to_rgb(opened), truncated=truncated, source_mode=opened.mode)
+    return DecodedImage(image=_to_rgb(opened), truncated=truncated)
 
 
 def _load_pixels(opened: Image.Image, data: bytes) -> bool:

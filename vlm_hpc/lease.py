@@ -36,8 +36,15 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+def _holder_task(holder: dict) -> str | None:
+    """The holder's Slurm task id (ARRAYJOB_TASK, or a plain job id), if it ran under Slurm."""
+    if holder.get("array_job_id"):
+        return f"{holder['array_job_id']}_{holder.get('array_task_id')}"
+    return holder.get("job_id")
+
+
 def _describe(holder: dict) -> str:
-    slurm = holder.get("array_job_id") and f"{holder['array_job_id']}_{holder.get('array_task_id')}" or holder.get("job_id")
+    slurm = _holder_task(holder)
     age = time.time() - float(holder.get("heartbeat", 0))
     return (f"host {holder.get('host')} pid {holder.get('pid')}" + (f" (Slurm job {slurm})" if slurm else "")
             + f", heartbeat {age:.0f}s ago")
@@ -66,7 +73,7 @@ def live_holder(path: Path, stale_seconds: float) -> str | None:
         return None
     if holder.get("host") == socket.gethostname() and _process_start(int(holder.get("pid", -1))) is None:
         return None
-    task = holder.get("array_job_id") and f"{holder['array_job_id']}_{holder.get('array_task_id')}" or holder.get("job_id")
+    task = _holder_task(holder)
     if task and not _slurm_task_alive(task):
         return None
     return _describe(holder)

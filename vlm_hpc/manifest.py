@@ -31,29 +31,26 @@ class RunManifest:
     data: dict = field(default_factory=dict)  # the data section: path and column names
     created_at: float = field(default_factory=time.time)
     duplicate_rows: dict[str, int] = field(default_factory=dict)  # row -> first row with that key
-    empty_key_rows: list[int] = field(default_factory=list)
 
 
-def find_duplicate_keys(rows: RowSource) -> tuple[dict[str, int], list[int]]:
-    """One pass over the key column: rows repeating an earlier key, and rows without a key."""
+def find_duplicate_keys(rows: RowSource) -> dict[str, int]:
+    """One pass over the key column: rows repeating an earlier key (rows without a key are the worker's)."""
     first_row: dict[str, int] = {}
     duplicates: dict[str, int] = {}
-    empty: list[int] = []
     for start in range(0, rows.num_rows, _KEY_SCAN_CHUNK):
         for offset, key in enumerate(rows.keys(start, start + _KEY_SCAN_CHUNK)):
             row = start + offset
             if key is None or key == "":
-                empty.append(row)
-            elif key in first_row:
+                continue
+            if key in first_row:
                 duplicates[str(row)] = first_row[key]
             else:
                 first_row[key] = row
-    return duplicates, empty
+    return duplicates
 
 
-def ensure_manifest(layout: OutputLayout, rows: RowSource, config: RunConfig, num_slices: int,
-                    force: bool = False) -> RunManifest:
-    """Create the manifest on first use, else check that this run agrees with it (force: adopt this run's)."""
+def ensure_manifest(layout: OutputLayout, rows: RowSource, config: RunConfig, num_slices: int) -> RunManifest:
+    """Create the manifest on first use, else check that this run agrees with it."""
     fingerprint = dataset_fingerprint(rows, config.data)
     path = layout.manifest_file
     if path.exists():
@@ -68,25 +65,20 @@ def ensure_manifest(layout: OutputLayout, rows: RowSource, config: RunConfig, nu
             problems.append(f"its output.format is {existing.output_format}, not {config.output.format}")
         if not problems:
             return existing
-        if not force:
-            raise VlmHpcError(f"{layout.root} belongs to another run: {'; '.join(problems)}; use a new output.dir, "
-                              f"or pass --force to start over in this one")
-    duplicates, empty = find_duplicate_keys(rows)
+        raise VlmHpcError(f"{layout.root} belongs to another run: {'; '.join(problems)}; use a new output.dir, "
+                          f"or pass --force to start over in this one")
+    duplicates = find_duplicate_keys(rows)
     manifest = RunManifest(dataset_fingerprint=fingerprint, data_path=config.data.path, num_rows=rows.num_rows,
                            num_slices=num_slices, output_format=config.output.format,
-                           data=asdict(config.data), duplicate_rows=duplicates,
-                           empty_key_rows=empty)
+                           data=asdict(config.data), duplicate_rows=duplicates)
     layout.root.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".manifest.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(asdict(manifest), indent=1))
-    if force:
-        os.replace(temporary, path)
-    else:
-        try:
-            os.link(temporary, path)  # atomic create-if-absent, also on NFS: the first writer wins
-        except FileExistsError:
-            temporary.unlink()
-            return ensure_manifest(layout, rows, config, num_slices)
+    try:
+        os.link(temporary, path)  # atomic create-if-absent, also on NFS: the first writer wins
+    except FileExistsError:
         temporary.unlink()
+        return ensure_manifest(layout, rows, config, num_slices)
+    temporary.unlink()
     fsync_dir(layout.root)
     return manifest

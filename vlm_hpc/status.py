@@ -18,6 +18,7 @@ from pathlib import Path
 
 from vlm_hpc.array_spec import format_indices
 from vlm_hpc.checkpoint import SliceIndex
+from vlm_hpc.dataset import slice_bounds
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.layout import OutputLayout
 
@@ -78,8 +79,8 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
     now = time.time()
     statuses = []
     for index in range(count):
-        base, extra = divmod(num_rows, count)
-        total = base + (1 if index < extra else 0)
+        start, stop = slice_bounds(num_rows, index, count)
+        total = stop - start
         state = SliceIndex.load(layout.index_file(index))
         slurm_state = slurm.get(jobs.get(index, ""))
         heartbeat = None

@@ -8,16 +8,18 @@ model, commit them, and on a stop signal finish or abandon the batch in flight, 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
+import transformers
 
 from vlm_hpc import __version__
 from vlm_hpc.checkpoint import SliceIndex
@@ -44,9 +46,8 @@ def engine_from_config(config: RunConfig) -> CaptionEngine:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = config.model.dtype if device != "cpu" else "float32"
-    g = config.generation
-    settings = GenerationSettings(do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p,
-                                  max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, seed=g.seed)
+    # The config's generation section holds the engine's settings (plus batch_size, which is the worker's).
+    settings = GenerationSettings(**{f.name: getattr(config.generation, f.name) for f in fields(GenerationSettings)})
     return CaptionEngine.from_folder(config.model.path, dtype=dtype, device=device, question=config.prompt.question,
                                      system_message=config.prompt.system_message, settings=settings,
                                      attn_implementation=config.model.attn_implementation)
@@ -148,10 +149,6 @@ class SliceOutcome:
 
 def _write_stamp(layout: OutputLayout, index: int, config: RunConfig, engine: CaptionEngine,
                  environment: JobEnvironment) -> None:
-    import hashlib
-
-    import transformers
-
     folder = Path(config.model.path)
     fingerprint = hashlib.sha256()
     for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
