@@ -8,9 +8,12 @@ layers; InternLM2-20B as Llama, 48 layers, GQA 48/8) through `vlm_hpc.weight_map
 initialises it on the device in bf16: no download. Prompts have the real structure (BOS, ~220 text tokens
 standing for the system message and the seed's question, 256 image tokens per tile); images are drawn from
 typical web sizes and tiled with the real `tile_count`. Every row generates exactly `--new-tokens` tokens
-(EOS ignored) so runs compare. The baseline is the seed's: a fixed batch of 6 images, one generate() call
-per batch. Each configuration reports images/s, tiles/s, tokens/s, achieved TFLOP/s (estimated from
-parameter counts), its fraction of `--peak-tflops`, and peak GPU memory.
+(EOS ignored) so runs compare. The baseline is the seed's: a fixed batch of 6 images in row order, one
+generate() call per batch. "ours" forms batches as the worker does (`vlm_hpc.batching`: windows of rows sorted
+by tile count, filled to a tile budget, `auto` = sized to the free GPU memory) and encodes images in vision
+micro-batches; both go through the engine's own `generate_new_tokens`. Each configuration reports images/s,
+tiles/s, tokens/s, achieved TFLOP/s (estimated from parameter counts), its fraction of `--peak-tflops`, and
+peak GPU memory.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import InternVLForConditionalGeneration
+from transformers import GenerationConfig, InternVLForConditionalGeneration
 
-from vlm_hpc.tiling import normalize, tile_count
+from vlm_hpc.batching import BatchLimits, BatchPlanner, memory_tile_budget
+from vlm_hpc.engine import generate_new_tokens, memory_costs
+from vlm_hpc.tiling import tile_count
 from vlm_hpc.tiny_model import original_config
 from vlm_hpc.weight_mapping import native_config, num_image_token
 
@@ -82,16 +87,28 @@ def make_workload(count: int, max_num: int, seed: int) -> list[int]:
     return [tile_count(*rng.choice(SIZES), max_num) for _ in range(count)]
 
 
-def run_batches(model, image_token: int, tiles_per_image: list[int], batch_size: int, new_tokens: int,
-                per_tile: int, device: str, dtype: torch.dtype) -> dict:
-    """Caption the workload in fixed batches, one generate() call per batch; returns the timings."""
+def plan(workload: list[int], limits: BatchLimits, window: int) -> list[list[int]]:
+    """Batches of workload positions as the worker forms them: windows of rows through a BatchPlanner."""
+    planner = BatchPlanner(limits)
+    step = window if limits.max_tiles is not None else limits.max_images
+    batches = []
+    for start in range(0, len(workload), step):
+        batches += planner.add([(i, workload[i]) for i in range(start, min(start + step, len(workload)))])
+    return batches + planner.flush()
+
+
+def run_batches(model, image_token: int, workload: list[int], batches: list[list[int]], new_tokens: int,
+                per_tile: int, device: str, vision_batch: int | None) -> dict:
+    """Caption the workload batch by batch through the engine's generate path; returns the timings."""
     generated = 0
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              pad_token_id=2, eos_token_id=None)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
-    for start in range(0, len(tiles_per_image), batch_size):
-        counts = tiles_per_image[start:start + batch_size]
+    for batch in batches:
+        counts = [workload[i] for i in batch]
         lengths = [1 + TEXT_TOKENS + 2 + per_tile * n for n in counts]
         width = max(lengths)
         input_ids = torch.full((len(counts), width), 2, dtype=torch.long)
@@ -101,19 +118,28 @@ def run_batches(model, image_token: int, tiles_per_image: list[int], batch_size:
                 + [image_token - 1] + [301] * (TEXT_TOKENS - TEXT_TOKENS // 2)
             input_ids[row, width - length:] = torch.tensor(prompt)
             attention[row, width - length:] = 1
-        uint8 = torch.randint(0, 256, (sum(counts), 3, 448, 448), dtype=torch.uint8).pin_memory() \
-            if device.startswith("cuda") else torch.randint(0, 256, (sum(counts), 3, 448, 448), dtype=torch.uint8)
+        uint8 = torch.randint(0, 256, (sum(counts), 3, 448, 448), dtype=torch.uint8)
+        if device.startswith("cuda"):
+            uint8 = uint8.pin_memory()
         with torch.inference_mode():
-            pixel_values = normalize(uint8.to(device, non_blocking=True), dtype=dtype)
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                    pixel_values=pixel_values, max_new_tokens=new_tokens,
-                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=2, eos_token_id=None)
-        generated += (output.shape[1] - width) * len(counts)
+            output = generate_new_tokens(model, input_ids, attention, uint8.to(device, non_blocking=True), config,
+                                         vision_batch=vision_batch)
+        generated += output.shape[1] * len(counts)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - began
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    return {"seconds": seconds, "tokens": generated, "peak_gib": memory}
+    return {"seconds": seconds, "tokens": generated, "peak_gib": memory, "batches": len(batches)}
+
+
+def auto_budget(model, per_tile: int, new_tokens: int, max_images: int, max_num: int, vision_batch: int,
+                device: str) -> int:
+    """The worker's tile_budget: auto for this model on this device."""
+    if not device.startswith("cuda"):
+        return max_images * (max_num + 1)
+    costs = memory_costs(model, per_tile, TEXT_TOKENS + 3, new_tokens, vision_batch)
+    return memory_tile_budget(torch.cuda.mem_get_info()[0], costs.tile_bytes, costs.image_bytes,
+                              costs.vision_workspace_bytes, max_images, max_num + 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,42 +147,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=("v15", "tiny"), default="v15")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--max-num", type=int, nargs="+", default=[6, 9, 12, 40])
-    parser.add_argument("--images", type=int, default=48, help="images per configuration")
+    parser.add_argument("--images", type=int, default=96, help="images per configuration")
     parser.add_argument("--new-tokens", type=int, default=168)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[6, 16, 32], help="the first is the baseline")
+    parser.add_argument("--baseline-batch", type=int, default=6, help="the seed's fixed batch")
+    parser.add_argument("--tile-budgets", nargs="+", default=["auto"],
+                        help="ours: tile budgets to try (numbers or auto), images sorted by tile count")
+    parser.add_argument("--max-images", type=int, default=64, help="ours: generation.batch_size")
+    parser.add_argument("--sort-window", type=int, default=64, help="ours: generation.sort_window")
+    parser.add_argument("--vision-batch", type=int, default=64, help="ours: generation.vision_batch")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 peak measured on an H200")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, a few images: keeps CI honest")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.model, args.device, args.max_num, args.images, args.new_tokens = "tiny", "cpu", [1, 6], 4, 4
-        args.batch_sizes = [2, 4]
+        args.model, args.device, args.max_num, args.images, args.new_tokens = "tiny", "cpu", [1, 6], 6, 4
+        args.tile_budgets, args.max_images, args.sort_window, args.vision_batch = ["12", "auto"], 4, 3, 5
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, image_token, original = build_model(args.model, args.device, dtype)
     counts = parameter_counts(model)
     per_tile = num_image_token(original)
     vision_tokens = (448 // 14) ** 2 + 1
     results = []
-    print(f"{'max_num':>7} {'batch':>5} {'img/s':>7} {'tiles/s':>8} {'tok/s':>8} {'TFLOP/s':>8} {'peak%':>6} "
-          f"{'GiB':>6} {'vs base':>7}")
+    print(f"{'max_num':>7} {'run':>14} {'batches':>7} {'img/s':>7} {'tiles/s':>8} {'tok/s':>8} {'TFLOP/s':>8} "
+          f"{'peak%':>6} {'GiB':>6} {'vs base':>7}")
     for max_num in args.max_num:
         workload = make_workload(args.images, max_num, seed=max_num)
+        runs = [("seed", BatchLimits(args.baseline_batch), None)]
+        for budget in args.tile_budgets:
+            tiles = auto_budget(model, per_tile, args.new_tokens, args.max_images, max_num, args.vision_batch,
+                                args.device) if budget == "auto" else int(budget)
+            runs.append((f"ours-{budget}" + (f"={tiles}" if budget == "auto" else ""),
+                         BatchLimits(args.max_images, tiles), args.vision_batch))
         baseline = None
-        for batch_size in args.batch_sizes:
-            timing = run_batches(model, image_token, workload, batch_size, args.new_tokens, per_tile,
-                                 args.device, dtype)
+        for name, limits, vision_batch in runs:
+            batches = plan(workload, limits, args.sort_window)
+            timing = run_batches(model, image_token, workload, batches, args.new_tokens, per_tile, args.device,
+                                 vision_batch)
             tiles = sum(workload)
             prompt_tokens = sum(1 + TEXT_TOKENS + 2 + per_tile * n for n in workload)
             flops = 2 * (counts["vision"] * vision_tokens * tiles + counts["llm"] * (prompt_tokens + timing["tokens"]))
             images_per_s = len(workload) / timing["seconds"]
             baseline = baseline or images_per_s
-            row = {"max_num": max_num, "batch_size": batch_size, "images": len(workload), "tiles": tiles,
+            row = {"max_num": max_num, "run": name, "max_images": limits.max_images, "tile_budget": limits.max_tiles,
+                   "batches": timing["batches"], "images": len(workload), "tiles": tiles,
                    "images_per_s": images_per_s, "tiles_per_s": tiles / timing["seconds"],
                    "tokens_per_s": timing["tokens"] / timing["seconds"], "tflops": flops / timing["seconds"] / 1e12,
                    "peak_fraction": flops / timing["seconds"] / 1e12 / args.peak_tflops,
                    "peak_gib": timing["peak_gib"], "speedup_vs_baseline": images_per_s / baseline}
             results.append(row)
-            print(f"{max_num:>7} {batch_size:>5} {row['images_per_s']:>7.3f} {row['tiles_per_s']:>8.2f} "
+            print(f"{max_num:>7} {name:>14} {row['batches']:>7} {row['images_per_s']:>7.3f} {row['tiles_per_s']:>8.2f} "
                   f"{row['tokens_per_s']:>8.1f} {row['tflops']:>8.2f} {100 * row['peak_fraction']:>5.1f}% "
                   f"{row['peak_gib'] or 0:>6.1f} {row['speedup_vs_baseline']:>6.2f}x", flush=True)
     if args.json:

@@ -51,6 +51,25 @@ def test_captions_equal_the_originals(name: str, run: dict, system_message: str 
     assert (logits - torch.tensor(run["step0_full_logits"])).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("vision_batch", [1, 3])
+def test_vision_micro_batches_change_no_caption(vision_batch: int, engine: CaptionEngine,
+                                                golden_images: dict[str, bytes]) -> None:
+    from vlm_hpc.engine import encode_images
+    run = E2E["batch"]
+    engine.system_message = E2E["model_facts"]["system_message"]
+    tiles = tiles_for(run["keys"], golden_images)
+    whole = encode_images(engine.model, torch.cat(tiles), torch.float32, None)
+    split = encode_images(engine.model, torch.cat(tiles), torch.float32, vision_batch)
+    assert split.shape == whole.shape and (split - whole).abs().max() < 1e-5
+    engine.vision_batch = vision_batch
+    try:
+        captions = engine.caption(tiles)
+    finally:
+        engine.vision_batch = None
+    assert [c.token_ids for c in captions] == run["new_token_ids"]
+    assert [c.text for c in captions] == run["responses"]
+
+
 def test_tokens_per_tile_is_what_the_original_used(engine: CaptionEngine) -> None:
     assert E2E["model_facts"]["num_image_token"] == engine.num_image_token
 

@@ -78,6 +78,45 @@ def test_golden_dataset_gives_the_golden_captions_for_any_slicing(
     assert stamp["model_fingerprint"] and stamp["prompt_sha256"] and stamp["generation"]["do_sample"] is False
 
 
+def logged_batches(output: Path, num_slices: int) -> list[list[int]]:
+    text = "".join((output / "logs" / f"slice_{i:05d}.log").read_text() for i in range(num_slices))
+    return [[int(r) for r in rows.split(",")] for rows in re.findall(r"computed rows=([\d,]+)", text)]
+
+
+@pytest.mark.parametrize(("num_slices", "generation"), [
+    (1, {"tile_budget": 12, "sort_window": 5, "batch_size": 64, "vision_batch": 4}),
+    (2, {"tile_budget": 40, "sort_window": 15, "batch_size": 8}),
+    (1, {"tile_budget": "auto", "sort_window": 4, "batch_size": 3, "vision_batch": 7}),
+])
+def test_tile_budget_batches_sort_by_tiles_and_give_the_golden_captions(
+        num_slices: int, generation: dict, golden_model_dir: Path, tmp_path: Path, shared_engine) -> None:
+    output = tmp_path / "out"
+    config = load_config(write_config(tmp_path / "c.yaml", golden_model_dir, GOLDEN / "dataset", output,
+                                      generation=generation, worker={"loader_workers": 1}))
+    for index in range(num_slices):
+        assert run_slice(config, index, num_slices, engine_factory=shared_engine).status == "done"
+    captions = read_captions(output)
+    assert {key: captions[key]["vlm_caption"] for key in GOLDEN_CAPTIONS} == GOLDEN_CAPTIONS
+    assert verify(output).ok and verify(output).captioned == 15
+    from vlm_hpc.dataset import open_rows
+    from vlm_hpc.imaging import decode_image
+    from vlm_hpc.tiling import tile_count
+    tiles = {}
+    for row in open_rows(config.data).read(0, 15):
+        try:
+            image = decode_image(row.image).image
+            tiles[row.index] = tile_count(image.width, image.height, config.tiling.max_num)
+        except Exception:
+            pass
+    budget = generation["tile_budget"] if generation["tile_budget"] != "auto" else 3 * (config.tiling.max_num + 1)
+    batches = logged_batches(output, num_slices)
+    assert sorted(r for b in batches for r in b) == list(range(15))
+    for batch in batches:
+        counts = [tiles[r] for r in batch if r in tiles]
+        assert len(batch) <= generation["batch_size"] and (sum(counts) <= budget or len(batch) == 1)
+        assert counts == sorted(counts)
+
+
 def bomb_png() -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -348,3 +387,24 @@ def test_out_of_memory_splits_batches_then_retries_with_fewer_tiles(golden_model
             assert all(captions[5][k] == captions[100][k] for k in captions[100] if k.startswith("square"))
         if budget == 0:
             assert captions[0] == {} and {e["reason"] for e in ledger} == {"out_of_memory"} and len(ledger) == 8
+
+
+def test_out_of_memory_shrinks_the_tile_budget_for_later_batches(golden_model_dir: Path, tmp_path: Path,
+                                                                shared_engine) -> None:
+    rows = [(f"wide_{i:02d}", png(i, (64, 48)), "w") for i in range(12)]  # 7 tiles each
+    data = make_dataset(tmp_path / "data", rows)
+    output = tmp_path / "out"
+    config = load_config(write_config(tmp_path / "c.yaml", golden_model_dir, data, output, worker={"loader_workers": 0},
+                                      generation={"tile_budget": 28, "batch_size": 16, "sort_window": 4}))
+    limited: dict = {}
+
+    def factory(config):
+        limited["engine"] = MemoryLimitedEngine(shared_engine(config), 14)
+        return limited["engine"]
+    assert run_slice(config, 0, 1, engine_factory=factory).status == "done"
+    calls = limited["engine"].calls
+    assert calls[0] == 28 and max(calls[1:]) <= 14  # one failure, then batches sized to the shrunk budget
+    assert calls.count(28) == 1 and sum(c for c in calls[1:]) == 12 * 7
+    log = (output / "logs" / "slice_00000.log").read_text()
+    assert "out of memory on 28 tiles; tile budget now 14" in log
+    assert verify(output).ok and len(read_captions(output)) == 12

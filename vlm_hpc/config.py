@@ -45,7 +45,12 @@ class TilingSection:
 
 @dataclass
 class GenerationSection:
-    batch_size: int = 6
+    batch_size: int = 6  # images per batch; with a tile_budget, the most images in one batch
+    # Tiles per batch, thumbnails included: a number, "auto" (what fits the GPU's free memory), or null for
+    # fixed batches of batch_size in row order (the seed's).
+    tile_budget: int | str | None = None
+    sort_window: int = 64  # with a tile_budget: rows read ahead and sorted by tile count before batching
+    vision_batch: int = 64  # tiles per vision-encoder pass (bounds its activation memory)
     do_sample: bool = True
     temperature: float = 0.6
     top_p: float = 0.7
@@ -113,6 +118,7 @@ _CHOICES = {("model", "dtype"): ("float32", "bfloat16", "float16"), ("model", "d
             ("model", "attn_implementation"): ("sdpa", "eager", "flash_attention_2"),
             ("output", "format"): ("json", "jsonl")}
 _POSITIVE = {("tiling", "max_num"), ("generation", "batch_size"), ("generation", "max_new_tokens"),
+             ("generation", "sort_window"), ("generation", "vision_batch"),
              ("generation", "num_beams"), ("output", "max_sample_images"), ("worker", "grace_seconds"),
              ("worker", "heartbeat_seconds"), ("worker", "commit_rows"), ("worker", "stale_lease_seconds"), ("worker", "prefetch_batches"),
              ("slurm", "time_min"), ("slurm", "cpus_per_task"), ("slurm", "gpus_per_task")}
@@ -130,6 +136,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if "None" in text:
             return None
         raise VlmHpcError(f"{where} must not be empty")
+    if text.startswith("int | str"):  # a number or a word, e.g. generation.tile_budget: 384 | auto
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise VlmHpcError(f"{where} must be a number or a word, got {value!r}")
+        return value
     if "dict" in text:
         if not isinstance(value, dict):
             raise VlmHpcError(f"{where} must be a mapping, got {value!r}")
@@ -176,6 +186,9 @@ def _build(raw: dict, source: str) -> RunConfig:
             choices = _CHOICES.get((section_name, key))
             if choices and value not in choices:
                 raise VlmHpcError(f"{where} is {value!r}; choose one of {', '.join(choices)}")
+            if (section_name, key) == ("generation", "tile_budget") and value is not None \
+                    and value != "auto" and not (isinstance(value, int) and value > 0):
+                raise VlmHpcError(f"{where} is {value!r}; use a positive number of tiles, auto, or null")
             if (section_name, key) in _POSITIVE and value <= 0:
                 raise VlmHpcError(f"{where} must be positive, got {value}")
             setattr(section, key, value)

@@ -2,6 +2,9 @@
 
 Reproduces `batch_chat`: left-padded prompts, generation stopping on `<|im_end|>` only, finished rows padded
 with the pad id, responses decoded with skip_special_tokens, cut at a literal `<|im_end|>` and stripped.
+The vision encoder runs in micro-batches of tiles (each tile is encoded on its own, so the split changes no
+number) and its features enter generate() pre-encoded: large batches need no vision activations for all
+their tiles at once.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, InternVLForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlm_hpc.model import inspect_model_folder, load_model
 from vlm_hpc.prompt import CAPTION_QUESTION, STOP_TOKEN, build_prompt
@@ -50,6 +54,66 @@ class Caption:
     stopped: bool  # False when it ran into max_new_tokens
 
 
+@dataclass(frozen=True)
+class MemoryCosts:
+    """Accelerator bytes a batch needs beyond the weights, per tile and per image (KV cache plus prefill
+    activations), and for one vision micro-batch."""
+
+    tile_bytes: int
+    image_bytes: int
+    vision_workspace_bytes: int
+
+
+# Prefill's transient activations per token (MLP gate, up and product, a few hidden-size buffers) relative to
+# the KV cache per token: about 0.75 for InternLM2-20B's shapes, rounded up.
+PREFILL_OVER_CACHE = 1.0
+# Vision encoder activations per token, in units of (hidden size + MLP size): the MLP intermediate, the
+# attention input/output and the residual stream, with room for the allocator's rounding.
+VISION_BUFFERS = 3
+
+
+def encode_images(model: InternVLForConditionalGeneration, uint8_tiles: torch.Tensor, dtype: torch.dtype,
+                  vision_batch: int | None) -> torch.Tensor:
+    """Image features [tiles, tokens per tile, hidden] from uint8 tiles, normalized on the model's device and
+    encoded `vision_batch` tiles at a time (None: all at once)."""
+    step = vision_batch or uint8_tiles.shape[0]
+    features = []
+    for chunk in uint8_tiles.split(step):
+        pixel_values = normalize(chunk.to(model.device, non_blocking=True), dtype=dtype)
+        features.append(model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output)
+    return torch.cat(features) if len(features) > 1 else features[0]
+
+
+def generate_new_tokens(model: InternVLForConditionalGeneration, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor, uint8_tiles: torch.Tensor, generation_config: GenerationConfig,
+                        vision_batch: int | None = None,
+                        stopping_criteria: StoppingCriteriaList | None = None) -> torch.Tensor:
+    """The generated ids [batch, new] for left-padded prompts whose image tokens stand for `uint8_tiles`.
+    The engine and the benchmarks share this one path."""
+    dtype = next(model.parameters()).dtype
+    features = encode_images(model, uint8_tiles, dtype, vision_batch)
+    output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)},
+                            generation_config=generation_config, stopping_criteria=stopping_criteria)
+    return output[:, input_ids.shape[1]:]
+
+
+def memory_costs(model: InternVLForConditionalGeneration, tokens_per_tile: int, text_tokens: int,
+                 max_new_tokens: int, vision_batch: int) -> MemoryCosts:
+    """Estimated accelerator bytes per tile, per image and per vision micro-batch, from the model's shapes."""
+    text = model.config.text_config
+    vision = model.config.vision_config
+    element = next(model.parameters()).element_size()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * element * (1 + PREFILL_OVER_CACHE)
+    vision_tokens = (vision.image_size[0] // vision.patch_size[0]) ** 2 + 1 \
+        if isinstance(vision.image_size, (list, tuple)) else (vision.image_size // vision.patch_size) ** 2 + 1
+    workspace = vision_batch * vision_tokens * (vision.hidden_size + vision.intermediate_size) * element * VISION_BUFFERS
+    return MemoryCosts(tile_bytes=int(tokens_per_tile * per_token),
+                       image_bytes=int((text_tokens + max_new_tokens) * per_token),
+                       vision_workspace_bytes=int(workspace))
+
+
 class _PollDuringGeneration(StoppingCriteria):
     """Runs a callback after every decoding step; the callback raises to abandon the batch."""
 
@@ -66,13 +130,15 @@ class CaptionEngine:
 
     def __init__(self, model: InternVLForConditionalGeneration, tokenizer: InternLM2Tokenizer, *,
                  system_message: str, question: str = CAPTION_QUESTION,
-                 settings: GenerationSettings = GenerationSettings(), num_image_token: int = 256) -> None:
+                 settings: GenerationSettings = GenerationSettings(), num_image_token: int = 256,
+                 vision_batch: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.system_message = system_message
         self.question = question
         self.settings = settings
         self.num_image_token = num_image_token
+        self.vision_batch = vision_batch
         self.stop_id = tokenizer.token_to_id(STOP_TOKEN)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -81,12 +147,13 @@ class CaptionEngine:
     def from_folder(cls, path: str | Path, *, dtype: torch.dtype | str = torch.bfloat16, device: str = "cpu",
                     question: str = CAPTION_QUESTION, system_message: str | None = None,
                     settings: GenerationSettings = GenerationSettings(),
-                    attn_implementation: str = "sdpa") -> CaptionEngine:
+                    attn_implementation: str = "sdpa", vision_batch: int | None = None) -> CaptionEngine:
         """Load a model folder; the system message defaults to what the original takes from config.json."""
         folder = inspect_model_folder(path)
         model = load_model(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)
         return cls(model, load_tokenizer(path), system_message=system_message or folder.system_message,
-                   question=question, settings=settings, num_image_token=folder.num_image_token)
+                   question=question, settings=settings, num_image_token=folder.num_image_token,
+                   vision_batch=vision_batch)
 
     def prompt(self, num_tiles: int) -> str:
         """The exact prompt string for an image of `num_tiles` tiles."""
@@ -101,19 +168,26 @@ class CaptionEngine:
             return []
         settings = settings or self.settings
         batch = self.tokenizer.encode_batch([self.prompt(t.shape[0]) for t in tiles])
-        input_ids = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
-        attention_mask = torch.tensor(batch.attention_mask, dtype=torch.long, device=self.device)
-        uint8 = torch.cat(tiles).to(self.device, non_blocking=True)
-        pixel_values = normalize(uint8, dtype=self.dtype)
         if settings.do_sample:
             torch.manual_seed(settings.seed)
-        output = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-            generation_config=settings.generation_config(self.stop_id, self.tokenizer.pad_id, self.tokenizer.bos_id),
+        new_tokens = generate_new_tokens(
+            self.model, torch.tensor(batch.input_ids, dtype=torch.long), torch.tensor(batch.attention_mask),
+            torch.cat([t.to(self.device, non_blocking=True) for t in tiles]),  # from pinned memory: async
+            settings.generation_config(self.stop_id, self.tokenizer.pad_id, self.tokenizer.bos_id),
+            vision_batch=self.vision_batch,
             stopping_criteria=StoppingCriteriaList([_PollDuringGeneration(poll)]) if poll else None,
         )
-        new_tokens = output[:, input_ids.shape[1]:].tolist()
-        return [self._finish(row) for row in new_tokens]
+        return [self._finish(row) for row in new_tokens.tolist()]
+
+    def memory_costs(self) -> MemoryCosts:
+        """What a batch costs in accelerator memory beyond the weights (see `memory_costs`)."""
+        text_tokens = len(self.tokenizer.encode(self.prompt(1))) - self.num_image_token
+        return memory_costs(self.model, self.num_image_token, text_tokens, self.settings.max_new_tokens,
+                            self.vision_batch or 64)
+
+    def free_memory(self) -> int | None:
+        """Free bytes on the model's accelerator, None on the CPU."""
+        return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
 
     def _finish(self, row: list[int]) -> Caption:
         stopped = self.stop_id in row

@@ -91,6 +91,12 @@ class PreparedBatch:
             prepared[i].tiles = None
         return cls(prepared, tiles, owners, counts)
 
+    def pin_memory(self) -> PreparedBatch:
+        """Tiles in page-locked memory, for asynchronous copies to the GPU (the DataLoader calls this)."""
+        if self.tiles is not None:
+            self.tiles = self.tiles.pin_memory()
+        return self
+
     def unpack(self) -> list[PreparedRow]:
         if self.tiles is not None:
             for i, view in zip(self.owners, torch.split(self.tiles, self.counts)):
@@ -99,22 +105,23 @@ class PreparedBatch:
 
 
 class SliceBatches(Dataset):
-    """Item i = batch i of the pending rows, prepared (read, decoded, tiled) in a DataLoader process."""
+    """Item i = window i of the pending rows (a batch, or the rows that are sorted into batches), prepared
+    (read, decoded, tiled) in a DataLoader process."""
 
-    def __init__(self, rows: RowSource, batches: list[list[int]], config: RunConfig, manifest: RunManifest,
+    def __init__(self, rows: RowSource, windows: list[list[int]], config: RunConfig, manifest: RunManifest,
                  sample_stride: int) -> None:
         self.rows = rows
-        self.batches = batches
+        self.windows = windows
         self.max_num = config.tiling.max_num
         self.skip_truncated = config.tiling.skip_truncated
         self.duplicates = manifest.duplicate_rows
         self.sample_stride = sample_stride
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.windows)
 
     def __getitem__(self, item: int) -> PreparedBatch:
-        wanted = self.batches[item]
+        wanted = self.windows[item]
         keep = set(wanted)
         rows = [r for r in self.rows.read(wanted[0], wanted[-1] + 1) if r.index in keep]
         return PreparedBatch.pack([prepare_row(r, self.max_num, self.skip_truncated, self.duplicates.get(str(r.index)),
@@ -125,10 +132,10 @@ def _collate(items: list[PreparedBatch]) -> PreparedBatch:
     return items[0]
 
 
-def batch_loader(batches: SliceBatches, settings: WorkerSection) -> DataLoader:
-    """A DataLoader preparing `settings.prefetch_batches` batches ahead in `settings.loader_workers`
+def batch_loader(windows: SliceBatches, settings: WorkerSection, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader preparing `settings.prefetch_batches` windows ahead in `settings.loader_workers`
     processes (0: in this process), which ignore stop signals: only the main process acts on them."""
     workers = settings.loader_workers
-    return DataLoader(batches, batch_size=1, collate_fn=_collate, num_workers=workers,
+    return DataLoader(windows, batch_size=1, collate_fn=_collate, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=settings.prefetch_batches if workers else None,
                       worker_init_fn=ignore_stop_signals if workers else None)

@@ -22,6 +22,7 @@ import torch
 import transformers
 
 from vlm_hpc import __version__
+from vlm_hpc.batching import BatchLimits, BatchPlanner, memory_tile_budget
 from vlm_hpc.checkpoint import SliceIndex
 from vlm_hpc.config import RunConfig, load_config
 from vlm_hpc.dataset import RowSource, open_rows, slice_bounds
@@ -50,7 +51,23 @@ def engine_from_config(config: RunConfig) -> CaptionEngine:
     settings = GenerationSettings(**{f.name: getattr(config.generation, f.name) for f in fields(GenerationSettings)})
     return CaptionEngine.from_folder(config.model.path, dtype=dtype, device=device, question=config.prompt.question,
                                      system_message=config.prompt.system_message, settings=settings,
-                                     attn_implementation=config.model.attn_implementation)
+                                     attn_implementation=config.model.attn_implementation,
+                                     vision_batch=config.generation.vision_batch)
+
+
+def batch_limits(config: RunConfig, engine: CaptionEngine) -> BatchLimits:
+    """generation.batch_size and tile_budget as limits; "auto" sizes the budget to the GPU's free memory."""
+    budget = config.generation.tile_budget
+    smallest = config.tiling.max_num + 1  # one image at max_num, thumbnail included
+    if budget == "auto":
+        free = engine.free_memory()
+        if free is None:  # no accelerator: memory is not what limits a batch
+            budget = config.generation.batch_size * smallest
+        else:
+            costs = engine.memory_costs()
+            budget = memory_tile_budget(free, costs.tile_bytes, costs.image_bytes, costs.vision_workspace_bytes,
+                                        config.generation.batch_size, smallest)
+    return BatchLimits(config.generation.batch_size, budget)
 
 
 def _setup_logging(layout: OutputLayout, index: int) -> logging.Logger:
@@ -92,14 +109,17 @@ class Progress:
 
 
 def _caption_with_backoff(engine: CaptionEngine, batch: list[PreparedRow], max_num: int, poll: Callable[[], None],
-                          log: logging.Logger) -> dict[int, Caption | None]:
-    """Captions by row; on CUDA out-of-memory split the batch, then retry a single image with fewer tiles."""
-    # Sampling seed per batch from its first row: a resumed slice draws what an uninterrupted one would.
-    settings = replace(engine.settings, seed=engine.settings.seed + batch[0].row)
+                          log: logging.Logger,
+                          out_of_memory: Callable[[int], None] = lambda tiles: None) -> dict[int, Caption | None]:
+    """Captions by row; on CUDA out-of-memory tell `out_of_memory` the batch's tiles, split the batch, then
+    retry a single image with fewer tiles."""
+    # Sampling seed per batch from its lowest row: a resumed slice with the same batches draws the same.
+    settings = replace(engine.settings, seed=engine.settings.seed + min(p.row for p in batch))
     try:
         return dict(zip([p.row for p in batch], engine.caption([p.tiles for p in batch], settings, poll=poll)))
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
+    out_of_memory(sum(p.tiles.shape[0] for p in batch))
     if len(batch) > 1:
         half = len(batch) // 2
         log.info(f"out of memory on {len(batch)} images; splitting the batch")
@@ -219,17 +239,27 @@ def run_slice(config: RunConfig, index: int, count: int,
         if not layout.query_file.exists():
             write_atomic(layout.query_file, config.prompt.question.encode())
         _write_stamp(layout, index, config, engine, environment)
+        limits = batch_limits(config, engine)
+        if limits.max_tiles is not None:
+            log.info(f"batches: up to {limits.max_tiles} tiles and {limits.max_images} images, "
+                     f"sorted by tile count in windows of {config.generation.sort_window} rows")
+        planner = BatchPlanner(limits)
         pending = state.pending_rows()
-        batch_size = config.generation.batch_size
-        batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
+        window = config.generation.batch_size if limits.max_tiles is None else config.generation.sort_window
+        windows = [pending[i:i + window] for i in range(0, len(pending), window)]
         stride = max(1, math.ceil(rows.num_rows / config.output.max_sample_images))
-        loader = batch_loader(SliceBatches(rows, batches, config, manifest, stride), config.worker)
+        loader = batch_loader(SliceBatches(rows, windows, config, manifest, stride), config.worker,
+                              pin_memory=engine.device.type == "cuda")
         progress = Progress(state.finished_rows, state.total)
 
         def poll() -> None:
             stop.check_deadline()
             if lease.lost.is_set():
                 raise BatchAbandoned("the slice lease was taken by another worker")
+
+        def out_of_memory(tiles: int) -> None:
+            if planner.shrink(tiles, config.tiling.max_num + 1):
+                log.info(f"out of memory on {tiles} tiles; tile budget now {planner.limits.max_tiles}")
 
         finished: list[RowOutcome] = []  # computed, not yet committed
         finished_seconds = 0.0
@@ -242,25 +272,51 @@ def run_slice(config: RunConfig, index: int, count: int,
                 log.info(progress.line())
             finished, finished_seconds, last_commit = [], 0.0, time.monotonic()
 
-        for packed in loader:
-            if stop.requested or lease.lost.is_set():
-                break
-            batch = packed.unpack()
+        def run_batch(batch: list[PreparedRow]) -> bool:
+            """Caption one batch into `finished`; False when it was abandoned."""
+            nonlocal finished_seconds
             began = time.monotonic()
             ready = [p for p in batch if p.tiles is not None]
             try:
-                captions = _caption_with_backoff(engine, ready, config.tiling.max_num, poll, log) if ready else {}
+                captions = _caption_with_backoff(engine, ready, config.tiling.max_num, poll, log, out_of_memory) \
+                    if ready else {}
             except BatchAbandoned as exc:
-                log.info(f"abandoned rows {batch[0].row}..{batch[-1].row}: {exc}")
-                break
+                log.info(f"abandoned rows {','.join(str(p.row) for p in batch)}: {exc}")
+                return False
             finished_seconds += time.monotonic() - began
             log.info(f"computed rows={','.join(str(p.row) for p in batch)}")
-            finished += _outcomes(batch, captions)
+            finished.extend(_outcomes(batch, captions))
             progress.add(len(batch), sum(p.tiles.shape[0] for p in ready),
                          sum(len(c.token_ids) for c in captions.values() if c is not None))
             if (len(finished) >= config.worker.commit_rows
                     or time.monotonic() - last_commit >= config.worker.commit_seconds):
                 commit()
+            return True
+
+        def run_batches(batches: list[list[PreparedRow]]) -> bool:
+            """Run batches until a stop; False when stopped."""
+            for batch in batches:
+                if stop.requested or lease.lost.is_set() or not run_batch(batch):
+                    return False
+            return True
+
+        held: dict[int, PreparedRow] = {}  # prepared rows the planner holds back for a fuller batch
+        running = True
+        for packed in loader:
+            prepared = packed.unpack()
+            if limits.max_tiles is None:  # the seed's batches: the window as it is
+                batches = [prepared]
+            else:
+                ready = [p for p in prepared if p.tiles is not None]
+                held.update((p.row, p) for p in ready)
+                planned = planner.add([(p.row, p.tiles.shape[0]) for p in ready])
+                failed = [p for p in prepared if p.tiles is None]  # they need no model: recorded at once
+                batches = ([failed] if failed else []) + [[held.pop(row) for row in rows] for rows in planned]
+            running = run_batches(batches)
+            if not running:
+                break
+        if running:
+            run_batches([[held.pop(row) for row in rows] for rows in planner.flush()])
         commit()
         if lease.lost.is_set():
             log.info("stopping: another worker took over this slice's lease; nothing more is committed here")
