@@ -70,6 +70,20 @@ def test_vision_micro_batches_change_no_caption(vision_batch: int, engine: Capti
     assert [c.text for c in captions] == run["responses"]
 
 
+def test_memory_costs_follow_the_models_shapes(engine: CaptionEngine) -> None:
+    from vlm_hpc.engine import PREFILL_OVER_CACHE, VISION_BUFFERS
+    text, vision = engine.model.config.text_config, engine.model.config.vision_config
+    per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4 * (1 + PREFILL_OVER_CACHE)
+    costs = engine.memory_costs()
+    assert costs.tile_bytes == engine.num_image_token * per_token
+    text_tokens = len(engine.tokenizer.encode(engine.prompt(1))) - engine.num_image_token
+    assert costs.image_bytes == (text_tokens + engine.settings.max_new_tokens) * per_token
+    vision_tokens = (vision.image_size[0] // vision.patch_size[0]) ** 2 + 1
+    assert costs.vision_workspace_bytes == \
+        64 * vision_tokens * (vision.hidden_size + vision.intermediate_size) * 4 * VISION_BUFFERS
+    assert engine.free_memory() is None  # CPU: no memory-sized budget
+
+
 def test_tokens_per_tile_is_what_the_original_used(engine: CaptionEngine) -> None:
     assert E2E["model_facts"]["num_image_token"] == engine.num_image_token
 
