@@ -75,7 +75,7 @@ class OutputSection:
 @dataclass
 class WorkerSection:
     loader_workers: int = 2  # DataLoader processes decoding and tiling ahead of the GPU
-    prefetch_batches: int = 4
+    prefetch_batches: int = 4  # windows (a batch, or sort_window rows) prepared ahead by each loader process
     grace_seconds: float = 20.0  # finish the batch in flight within this after a stop signal (Slurm KillWait: 30)
     heartbeat_seconds: float = 10.0
     commit_seconds: float = 2.0  # commit finished batches at least this often (each commit costs fsyncs)
