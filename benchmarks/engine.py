@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, InternVLForConditionalGeneration
 
-from vlm_hpc.batching import BatchLimits, BatchPlanner, memory_tile_budget
+from vlm_hpc.batching import BatchLimits, BatchPlanner, memory_tile_budget, split_windows
 from vlm_hpc.engine import generate_new_tokens, memory_costs
 from vlm_hpc.tiling import tile_count
 from vlm_hpc.tiny_model import original_config
@@ -90,10 +90,9 @@ def make_workload(count: int, max_num: int, seed: int) -> list[int]:
 def plan(workload: list[int], limits: BatchLimits, window: int) -> list[list[int]]:
     """Batches of workload positions as the worker forms them: windows of rows through a BatchPlanner."""
     planner = BatchPlanner(limits)
-    step = window if limits.max_tiles is not None else limits.max_images
     batches = []
-    for start in range(0, len(workload), step):
-        batches += planner.add([(i, workload[i]) for i in range(start, min(start + step, len(workload)))])
+    for rows in split_windows(list(range(len(workload))), limits, window):
+        batches += planner.add([(i, workload[i]) for i in rows])
     return batches + planner.flush()
 
 

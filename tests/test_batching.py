@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from vlm_hpc.batching import BatchLimits, BatchPlanner, memory_tile_budget, plan_batches
+from vlm_hpc.batching import BatchLimits, BatchPlanner, memory_tile_budget, plan_batches, split_windows
 
 
 def test_without_a_tile_budget_batches_are_the_seeds_fixed_row_chunks() -> None:
@@ -84,3 +84,17 @@ def test_memory_budget_grows_with_free_memory_and_never_drops_under_one_image() 
     assert 10 < small < large
     assert large == int((80 * gib * 0.85 - 2 * gib - 64 * 70 * 2**20) // (100 * 2**20))
     assert memory_tile_budget(gib, 100 * 2**20, 70 * 2**20, 2 * gib, 64, smallest=10) == 10
+
+
+def test_windows_are_batches_without_a_budget_and_sort_windows_with_one() -> None:
+    assert split_windows(list(range(7)), BatchLimits(3), sort_window=5) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert split_windows(list(range(7)), BatchLimits(3, 30), sort_window=5) == [[0, 1, 2, 3, 4], [5, 6]]
+
+
+def test_config_generation_defaults_are_the_engines() -> None:
+    """Two dataclasses hold the seed's sampling defaults (config stays free of torch); they must agree."""
+    from dataclasses import fields
+    from vlm_hpc.config import GenerationSection
+    from vlm_hpc.engine import GenerationSettings
+    for field_ in fields(GenerationSettings):
+        assert getattr(GenerationSection(), field_.name) == getattr(GenerationSettings(), field_.name), field_.name

@@ -43,6 +43,12 @@ def plan_batches(items: list[tuple[int, int]], limits: BatchLimits) -> list[list
     return batches
 
 
+def split_windows(rows: list[int], limits: BatchLimits, sort_window: int) -> list[list[int]]:
+    """The rows read and prepared together: one batch each without a tile budget, `sort_window` rows with one."""
+    size = limits.max_images if limits.max_tiles is None else sort_window
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
 @dataclass
 class BatchPlanner:
     """Batches across consecutive windows of prepared rows: with a tile budget, the last batch of a window,

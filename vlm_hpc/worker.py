@@ -22,7 +22,7 @@ import torch
 import transformers
 
 from vlm_hpc import __version__
-from vlm_hpc.batching import BatchLimits, BatchPlanner, memory_tile_budget
+from vlm_hpc.batching import BatchLimits, BatchPlanner, memory_tile_budget, split_windows
 from vlm_hpc.checkpoint import SliceIndex
 from vlm_hpc.config import RunConfig, load_config
 from vlm_hpc.dataset import RowSource, open_rows, slice_bounds
@@ -245,8 +245,7 @@ def run_slice(config: RunConfig, index: int, count: int,
                      f"sorted by tile count in windows of {config.generation.sort_window} rows")
         planner = BatchPlanner(limits)
         pending = state.pending_rows()
-        window = config.generation.batch_size if limits.max_tiles is None else config.generation.sort_window
-        windows = [pending[i:i + window] for i in range(0, len(pending), window)]
+        windows = split_windows(pending, limits, config.generation.sort_window)
         stride = max(1, math.ceil(rows.num_rows / config.output.max_sample_images))
         loader = batch_loader(SliceBatches(rows, windows, config, manifest, stride), config.worker,
                               pin_memory=engine.device.type == "cuda")
