@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyspng
 from PIL import Image, ImageFile
 
@@ -83,12 +84,19 @@ def _decode_plain_png(opened: Image.Image, data: bytes) -> Image.Image | None:
     if rawmode not in ("RGB", "RGBA") or opened.mode != rawmode:
         return None
     try:
-        pixels = pyspng.load(data, format=rawmode)
+        # Four bytes per pixel is Pillow's own layout for RGB too, so the image can wrap this memory as it is.
+        pixels = pyspng.load(data, format="RGBA")
     except Exception:  # noqa: BLE001 - every libspng failure means: decode with Pillow instead
         return None
-    if pixels.dtype != np.uint8 or pixels.shape != (opened.height, opened.width, len(rawmode)):
+    if pixels.dtype != np.uint8 or pixels.shape != (opened.height, opened.width, 4):
         return None
-    return Image.fromarray(pixels)  # [h, w, 3] is RGB, [h, w, 4] RGBA
+    return _wrap_rgbx(pixels, rawmode)
+
+
+def _wrap_rgbx(pixels: np.ndarray, mode: str) -> Image.Image:
+    """A Pillow RGB/RGBA image over [h, w, 4] uint8 memory, without copying it (Arrow import)."""
+    flat = pa.Array.from_buffers(pa.uint8(), pixels.size, [None, pa.py_buffer(pixels)])
+    return Image.fromarrow(pa.FixedSizeListArray.from_arrays(flat, 4), mode, (pixels.shape[1], pixels.shape[0]))
 
 
 def _load_pixels(opened: Image.Image, data: bytes) -> bool:

@@ -12,6 +12,7 @@ import warnings
 from functools import lru_cache
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
@@ -85,10 +86,16 @@ def tile_image(image: Image.Image, max_num: int) -> torch.Tensor:
 
 
 def _as_tensor(image: Image.Image) -> torch.Tensor:
-    """HWC uint8 view of a PIL image; numpy marks it read-only, and we only ever read it."""
+    """HWC uint8 view of an RGB image, read-only: Pillow's own memory when it is one block (Arrow export,
+    no copy), else a copy via numpy."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.asarray(image))
+        warnings.simplefilter("ignore", UserWarning)  # torch warns that numpy's views are read-only
+        try:
+            flat = pa.array(image).flatten().buffers()[1]
+        except ValueError:  # large images live in several blocks, which Arrow cannot describe
+            return torch.from_numpy(np.asarray(image))
+        rgbx = np.frombuffer(flat, dtype=np.uint8, count=image.width * image.height * 4)
+        return torch.from_numpy(rgbx).view(image.height, image.width, 4)[..., :3]
 
 
 @lru_cache(maxsize=1)
