@@ -1,20 +1,19 @@
 """InternVL's dynamic-resolution tiling, bit-identical to the original `dynamic_preprocess` + ToTensor + Normalize.
 
-The image is resized (Pillow bicubic) to a grid of 448 px tiles whose aspect ratio best matches it, cut
-row-major, and followed by a 448x448 thumbnail of the whole image when there is more than one tile. Tiles stay
-uint8 until `normalize`, which is exact on any device because it is a lookup into a table computed on the CPU
-with the original's float32 operations.
+The image is resized (Pillow's bicubic, bit for bit: resampling.py) to a grid of 448 px tiles whose aspect
+ratio best matches it, cut row-major, and followed by a 448x448 thumbnail of the whole image when there is more
+than one tile. Tiles stay uint8 until `normalize`, which is exact on any device: the original's float32
+operations on the CPU, a lookup into a table computed with them elsewhere.
 """
 
 from __future__ import annotations
 
-import warnings
 from functools import lru_cache
 
-import numpy as np
-import pyarrow as pa
 import torch
 from PIL import Image
+
+from vlm_hpc.resampling import resize_into_tiles
 
 TILE_SIZE = 448
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -74,28 +73,10 @@ def tile_image(image: Image.Image, max_num: int) -> torch.Tensor:
     grid_tiles = cols * rows
     count = grid_tiles + (1 if grid_tiles > 1 else 0)
     out = torch.empty((count, 3, TILE_SIZE, TILE_SIZE), dtype=torch.uint8)
-    resized = image.resize((TILE_SIZE * cols, TILE_SIZE * rows), Image.Resampling.BICUBIC)
-    # [rows*448, cols*448, 3] -> [rows, cols, 3, 448, 448]: one strided copy instead of crop + ToTensor per tile
-    pixels = _as_tensor(resized)
-    grid = pixels.view(rows, TILE_SIZE, cols, TILE_SIZE, 3).permute(0, 2, 4, 1, 3)
-    out[:grid_tiles].view(rows, cols, 3, TILE_SIZE, TILE_SIZE).copy_(grid)
+    resize_into_tiles(image, cols, rows, out[:grid_tiles])
     if grid_tiles > 1:
-        thumbnail = image.resize((TILE_SIZE, TILE_SIZE), Image.Resampling.BICUBIC)
-        out[grid_tiles].copy_(_as_tensor(thumbnail).permute(2, 0, 1))
+        resize_into_tiles(image, 1, 1, out[grid_tiles:])  # the thumbnail
     return out
-
-
-def _as_tensor(image: Image.Image) -> torch.Tensor:
-    """HWC uint8 view of an RGB image, read-only: Pillow's own memory when it is one block (Arrow export,
-    no copy), else a copy via numpy."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch warns that numpy's views are read-only
-        try:
-            flat = pa.array(image).flatten().buffers()[1]
-        except ValueError:  # large images live in several blocks, which Arrow cannot describe
-            return torch.from_numpy(np.asarray(image))
-        rgbx = np.frombuffer(flat, dtype=np.uint8, count=image.width * image.height * 4)
-        return torch.from_numpy(rgbx).view(image.height, image.width, 4)[..., :3]
 
 
 @lru_cache(maxsize=1)

@@ -36,6 +36,7 @@ from vlm_hpc.lease import SliceLease
 from vlm_hpc.manifest import ensure_manifest
 from vlm_hpc.model import inspect_model_folder
 from vlm_hpc.prefetch import PreparedRow, SliceBatches, batch_loader
+from vlm_hpc.resampling import resampler
 from vlm_hpc.stop import BatchAbandoned, StopRequest
 from vlm_hpc.tiling import tile_image
 from vlm_hpc.writer import RowOutcome, SliceWriter
@@ -231,7 +232,7 @@ def run_slice(config: RunConfig, index: int, count: int,
         state.rows_at_start = state.finished_rows
         state.save(index_path)
         log.info(f"start: rows [{start}, {stop_row}) of {rows.num_rows}, {state.finished_rows} already done, "
-                 f"attempt {state.attempts}, {environment.describe()}")
+                 f"attempt {state.attempts}, {environment.describe()}, bicubic resize by {resampler()}")
         if state.complete:
             return _finish(layout, state, index_path, "done", None, log)
         stop.install()
