@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import random
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -23,6 +26,7 @@ FIXED_CASES = [  # (in_w, in_h, out_w, out_h): copies, one pass skipped, both pa
     (4032, 3024, 1792, 1344), (3840, 2160, 448, 448), (4000, 500, 3584, 448), (300, 2400, 448, 3584),
     (300, 2400, 448, 448), (1344, 1000, 1344, 896), (1000, 1344, 896, 1344), (10000, 10, 448, 448),
     (10, 4000, 448, 448), (2, 2, 3584, 3584), (37, 5, 101, 3), (600, 7, 8, 7), (5000, 9, 448, 9),
+    (856, 400, 444, 623),  # a padding quad after the last real one once made AVX-512 read past the row
 ]
 
 
@@ -93,3 +97,45 @@ def test_bad_arguments_are_one_line_errors() -> None:
         bicubic.resize_tiles(source, 10, 11, 30, 3, 448, 448, 448, bytearray(3 * 448 * 448))
     with pytest.raises(ValueError):
         bicubic.resize_tiles(source, 10, 10, 30, 2, 448, 448, 448, bytearray(3 * 448 * 448))
+
+
+GUARD_PAGE_SCRIPT = textwrap.dedent("""
+    import ctypes, math, mmap, random, sys
+    import numpy as np
+    from vlm_hpc import _bicubic
+
+    libc = ctypes.CDLL(None)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+    def before_guard_page(data: bytes) -> np.ndarray:
+        # data placed so that its last byte is the last one before an unreadable page
+        pages = -(-len(data) // mmap.PAGESIZE) + 1
+        area = mmap.mmap(-1, pages * mmap.PAGESIZE)
+        start = (pages - 1) * mmap.PAGESIZE - len(data)
+        area[start:start + len(data)] = data
+        address = ctypes.addressof(ctypes.c_char.from_buffer(area))
+        assert libc.mprotect(address + (pages - 1) * mmap.PAGESIZE, mmap.PAGESIZE, 0) == 0  # PROT_NONE
+        keep.append(area)
+        return np.frombuffer(area, np.uint8, count=len(data), offset=start)
+
+    keep = []
+    rng, r = np.random.default_rng(0), random.Random(0)
+    cases = [(856, 400, 444, 623), (3000, 20, 448, 20), (1, 1, 448, 448), (900, 700, 1344, 896)]
+    cases += [(r.randint(1, 1200), r.randint(1, 60), r.randint(1, 500), r.randint(1, 60)) for _ in range(150)]
+    for in_w, in_h, out_w, out_h in cases:
+        for stride in (3, 4):
+            size = (in_h - 1) * in_w * stride + (in_w - 1) * stride + 3  # ends at the last pixel's blue byte
+            source = before_guard_page(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+            tile = math.gcd(out_w, out_h)
+            for path in sys.argv[1:]:
+                out = np.empty(3 * out_w * out_h, np.uint8)
+                _bicubic.resize_tiles(source, in_w, in_h, in_w * stride, stride, out_w, out_h, tile, out, path=path)
+    print("ok")
+""")
+
+
+def test_no_path_reads_past_the_source() -> None:
+    """Sources end right before an unreadable page: any over-read would crash the child process."""
+    result = subprocess.run([sys.executable, "-c", GUARD_PAGE_SCRIPT, *PATHS], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", (result.returncode, result.stderr[-2000:])

@@ -436,7 +436,9 @@ TARGET_AVX512 static inline void hquads_avx512(const uint8_t *row, int rowbytes,
     if (two && c->qgroups[q + 1] > groups) groups = c->qgroups[q + 1];
     long off0 = (long)c->qbase[q] * s, off1 = two ? (long)c->qbase[q + 1] * s : off0;
     const int8_t *w0 = qd0 + 64, *w1 = qd1 + 64;
-    if (off1 + (long)4 * s * (groups - 1) + 128 <= rowbytes) {
+    /* a padding quad (no outputs) has base 0, so the furthest read is from whichever base is larger */
+    long furthest = off0 > off1 ? off0 : off1;
+    if (furthest + (long)4 * s * (groups - 1) + 128 <= rowbytes) {
         for (int g = 0; g < groups; g++, off0 += 4 * s, off1 += 4 * s, w0 += 192, w1 += 192) {
             __m512i px = _mm512_permutex2var_epi8(_mm512_loadu_si512((const void *)(row + off0)), sel0,
                                                   _mm512_loadu_si512((const void *)(row + off0 + 64)));
