@@ -232,7 +232,7 @@ def run_slice(config: RunConfig, index: int, count: int,
         state.rows_at_start = state.finished_rows
         state.save(index_path)
         log.info(f"start: rows [{start}, {stop_row}) of {rows.num_rows}, {state.finished_rows} already done, "
-                 f"attempt {state.attempts}, {environment.describe()}, bicubic resize by {resampler()}")
+                 f"attempt {state.attempts}, bicubic resize by {resampler()}, {environment.describe()}")
         if state.complete:
             return _finish(layout, state, index_path, "done", None, log)
         stop.install()
