@@ -141,5 +141,8 @@ def test_pngs_libspng_must_not_take_go_to_pillow() -> None:
     buffer = io.BytesIO()
     rgb.save(buffer, format="PNG", transparency=(0, 0, 0))
     full = png_bytes(rgb)
-    for data in [buffer.getvalue(), sixteen_bit, full[: len(full) // 2], png_bytes(rgb.convert("P"))]:
+    animated = io.BytesIO()
+    rgb.save(animated, format="PNG", save_all=True, append_images=[rgb.rotate(90)])
+    for data in [buffer.getvalue(), sixteen_bit, full[: len(full) // 2], png_bytes(rgb.convert("P")),
+                 animated.getvalue()]:
         assert imaging._decode_plain_png(Image.open(io.BytesIO(data)), data) is None

@@ -80,6 +80,8 @@ def _decode_plain_png(opened: Image.Image, data: bytes) -> Image.Image | None:
     """
     if opened.format != "PNG" or "transparency" in opened.info or len(opened.tile) != 1:
         return None
+    if getattr(opened, "n_frames", 1) != 1:  # APNG: Pillow's frame handling decides what frame 0 is
+        return None
     rawmode = opened.tile[0].args  # "RGB;16B" etc. for 16-bit files, which take Pillow's path
     if rawmode not in ("RGB", "RGBA") or opened.mode != rawmode:
         return None
