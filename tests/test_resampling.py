@@ -83,13 +83,13 @@ def test_resize_into_tiles_matches_the_pillow_path(size: tuple[int, int]) -> Non
     image = Image.fromarray(content(*size, seed=3))
     ours = torch.empty((7, 3, 448, 448), dtype=torch.uint8)
     pillow = torch.empty_like(ours)
-    resize_into_tiles(image, 7, 1, ours)
-    resize_into_tiles(image, 7, 1, pillow, use_pillow=True)
+    resize_into_tiles(image, [(7, 1, ours)])
+    resize_into_tiles(image, [(7, 1, pillow)], use_pillow=True)
     assert torch.equal(ours, pillow)
     assert resampling.resampler().startswith("vlm_hpc._bicubic")
 
 
-def test_bad_arguments_are_one_line_errors() -> None:
+def test_bad_arguments_raise_value_errors() -> None:
     source = bytes(10 * 10 * 3)
     with pytest.raises(ValueError, match="."):
         bicubic.resize_tiles(source, 10, 10, 30, 3, 448, 448, 448, bytearray(5))

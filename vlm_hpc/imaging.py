@@ -90,8 +90,6 @@ def _decode_plain_png(opened: Image.Image, data: bytes) -> Image.Image | None:
         pixels = pyspng.load(data, format="RGBA")
     except Exception:  # noqa: BLE001 - every libspng failure means: decode with Pillow instead
         return None
-    if pixels.dtype != np.uint8 or pixels.shape != (opened.height, opened.width, 4):
-        return None
     return _wrap_rgbx(pixels, rawmode)
 
 

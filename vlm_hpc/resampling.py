@@ -8,6 +8,7 @@ with one strided copy. Both give the same bytes; tests/test_resampling.py compar
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -25,21 +26,26 @@ def resampler() -> str:
     return f"vlm_hpc._bicubic ({_bicubic.simd()})" if _bicubic is not None else "Pillow"
 
 
-def resize_into_tiles(image: Image.Image, cols: int, rows: int, tiles: torch.Tensor, use_pillow: bool = False) -> None:
-    """Resize an RGB image to (cols*T, rows*T) as Image.resize(BICUBIC) would, into uint8 `tiles` [rows*cols,
-    3, T, T] (tile row-major, channel-first); `use_pillow` forces the Pillow path (for tests)."""
-    tile = tiles.shape[-1]
-    if tiles.dtype != torch.uint8 or tuple(tiles.shape) != (rows * cols, 3, tile, tile) or not tiles.is_contiguous():
-        raise ValueError(f"need contiguous uint8 tiles [{rows * cols}, 3, T, T], got {tiles.dtype} {tuple(tiles.shape)}")
-    if _bicubic is not None and not use_pillow:
-        pixels, row_stride, pixel_stride = _pixel_buffer(image)
-        _bicubic.resize_tiles(pixels, image.width, image.height, row_stride, pixel_stride,
-                              cols * tile, rows * tile, tile, tiles.numpy())
-        return
-    resized = image.resize((cols * tile, rows * tile), Image.Resampling.BICUBIC)
-    # [rows*T, cols*T, 3] -> [rows, cols, 3, T, T]: one strided copy instead of crop + ToTensor per tile
-    grid = _as_tensor(resized).view(rows, tile, cols, tile, 3).permute(0, 2, 4, 1, 3)
-    tiles.view(rows, cols, 3, tile, tile).copy_(grid)
+def resize_into_tiles(image: Image.Image, targets: Sequence[tuple[int, int, torch.Tensor]],
+                      use_pillow: bool = False) -> None:
+    """For each (cols, rows, tiles): resize an RGB image to (cols*T, rows*T) as Image.resize(BICUBIC) would,
+    into uint8 `tiles` [rows*cols, 3, T, T] (tile row-major, channel-first). The source pixels are read once
+    for all targets; `use_pillow` forces the Pillow path (for tests)."""
+    source = _pixel_buffer(image) if _bicubic is not None and not use_pillow else None
+    for cols, rows, tiles in targets:
+        tile = tiles.shape[-1]
+        if tiles.dtype != torch.uint8 or tuple(tiles.shape) != (rows * cols, 3, tile, tile) or not tiles.is_contiguous():
+            raise ValueError(f"need contiguous uint8 tiles [{rows * cols}, 3, T, T], got {tiles.dtype} "
+                             f"{tuple(tiles.shape)}")
+        if source is not None:
+            pixels, row_stride, pixel_stride = source
+            _bicubic.resize_tiles(pixels, image.width, image.height, row_stride, pixel_stride,
+                                  cols * tile, rows * tile, tile, tiles.numpy())
+            continue
+        resized = image.resize((cols * tile, rows * tile), Image.Resampling.BICUBIC)
+        # [rows*T, cols*T, 3] -> [rows, cols, 3, T, T]: one strided copy instead of crop + ToTensor per tile
+        grid = _as_tensor(resized).view(rows, tile, cols, tile, 3).permute(0, 2, 4, 1, 3)
+        tiles.view(rows, cols, 3, tile, tile).copy_(grid)
 
 
 def _pixel_buffer(image: Image.Image) -> tuple[object, int, int]:

@@ -73,9 +73,10 @@ def tile_image(image: Image.Image, max_num: int) -> torch.Tensor:
     grid_tiles = cols * rows
     count = grid_tiles + (1 if grid_tiles > 1 else 0)
     out = torch.empty((count, 3, TILE_SIZE, TILE_SIZE), dtype=torch.uint8)
-    resize_into_tiles(image, cols, rows, out[:grid_tiles])
+    targets = [(cols, rows, out[:grid_tiles])]
     if grid_tiles > 1:
-        resize_into_tiles(image, 1, 1, out[grid_tiles:])  # the thumbnail
+        targets.append((1, 1, out[grid_tiles:]))  # the thumbnail
+    resize_into_tiles(image, targets)
     return out
 
 
