@@ -23,7 +23,7 @@ import datasets
 import torch
 
 import vlm_hpc.prefetch as prefetch
-import vlm_hpc.worker as worker
+import vlm_hpc.slice_run as worker
 from vlm_hpc.checkpoint import SliceIndex
 from vlm_hpc.config import load_config
 from vlm_hpc.engine import Caption, GenerationSettings

@@ -21,7 +21,7 @@ from conftest import GOLDEN, load_golden
 from vlm_hpc.config import load_config
 from vlm_hpc.engine import CaptionEngine
 from vlm_hpc.verify import verify
-from vlm_hpc.worker import engine_from_config, run_slice
+from vlm_hpc.slice_run import engine_from_config, run_slice
 
 E2E = load_golden("e2e_golden.json")
 GOLDEN_CAPTIONS = dict(zip(E2E["batch"]["keys"], E2E["batch"]["responses"]))

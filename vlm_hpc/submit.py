@@ -30,7 +30,7 @@ from vlm_hpc.lease import live_holder
 from vlm_hpc.layout import OutputLayout
 from vlm_hpc.manifest import ensure_manifest
 from vlm_hpc.stop import StopRequest, resend_time_limit_warning
-from vlm_hpc.worker import check_inputs, run_slice
+from vlm_hpc.slice_run import check_inputs, run_slice
 
 SUBMISSIONS_FILE = "submissions.jsonl"
 
