@@ -26,13 +26,33 @@ def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True, temp_dir: Pa
     out of the output folder, where the writer can clear them without listing the outputs."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = (temp_dir or path.parent) / f".{path.name}.{os.getpid()}.tmp"
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        _remove_quietly(temporary)  # a failed write (disk full) leaves no temporary file behind
+        raise
     if sync_dir:
         fsync_dir(path.parent)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def remove_stale_temporaries(folder: Path, pattern: str) -> int:
+    """Delete temporary files left by an interrupted write_atomic (`.NAME.PID.tmp`); returns how many."""
+    removed = 0
+    for path in folder.glob(pattern) if folder.is_dir() else []:
+        _remove_quietly(path)
+        removed += 1
+    return removed
 
 
 def _syncfs(folder: Path) -> bool:
@@ -51,15 +71,20 @@ def write_many_atomic(items: list[tuple[Path, bytes]], temp_dir: Path) -> None:
     """Write several files so that each is either complete or absent after a crash, and all are durable
     on return: temporary files, one flush of their file system, renames, one fsync per folder."""
     temporaries = []
-    for number, (path, data) in enumerate(items):
-        temporary = temp_dir / f".{number}.{path.name}.tmp"
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-        temporaries.append(temporary)
-    if not _syncfs(temp_dir):
+    try:
+        for number, (path, data) in enumerate(items):
+            temporary = temp_dir / f".{number}.{path.name}.tmp"
+            temporaries.append(temporary)
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+        if not _syncfs(temp_dir):
+            for temporary in temporaries:
+                with open(temporary, "rb+") as handle:
+                    os.fsync(handle.fileno())
+    except BaseException:
         for temporary in temporaries:
-            with open(temporary, "rb+") as handle:
-                os.fsync(handle.fileno())
+            _remove_quietly(temporary)
+        raise
     folders = set()
     for temporary, (path, _) in zip(temporaries, items):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 
 class VlmHpcError(Exception):
     """A problem with the user's input (files, config, data); printed as one line, never a traceback."""
@@ -14,3 +17,28 @@ class ImageRejected(VlmHpcError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+_IO_PROBLEMS = {"ENOSPC": "disk full", "EDQUOT": "disk quota exceeded", "EACCES": "permission denied",
+                "EPERM": "operation not permitted", "EROFS": "read-only file system", "EIO": "I/O error",
+                "ESTALE": "stale NFS file handle"}
+
+
+def io_problem(exc: OSError) -> str:
+    """A short name for what went wrong ("disk full"), for a slice's status."""
+    code = errno.errorcode.get(exc.errno or 0, "")
+    return f"{_IO_PROBLEMS.get(code, exc.strerror or 'I/O error')} ({code or exc.errno})"
+
+
+def io_error_line(exc: OSError, root: Path) -> str:
+    """One line for an I/O error on the output folder: the path, the operation's problem, and what to do."""
+    path = Path(exc.filename) if exc.filename else root
+    folder = path.parent if path != root else root
+    code = errno.errorcode.get(exc.errno or 0, "")
+    if code in ("ENOSPC", "EDQUOT"):
+        hint = f"free space there (see: df -h {folder}) or set output.dir elsewhere"
+    elif code in ("EACCES", "EPERM", "EROFS"):
+        hint = f"make it writable for this user (see: ls -ld {folder}) or set output.dir elsewhere"
+    else:
+        hint = "check that file system, or set output.dir elsewhere"
+    return f"output: {io_problem(exc)} on {path}: {exc.strerror}; {hint}, then run the same command again"

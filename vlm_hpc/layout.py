@@ -104,6 +104,11 @@ class OutputLayout:
     def stamp_file(self, index: int) -> Path:
         return self.root / "stamps" / f"{self.slice_name(index)}.json"
 
+    def slice_temporaries(self, index: int) -> list[tuple[Path, str]]:
+        """(folder, glob) of the temporary files an interrupted atomic write of slice `index` can leave."""
+        name = self.slice_name(index)
+        return [(self.state_dir, f".{name}.*.tmp"), (self.root / "stamps", f".{name}.*.tmp")]
+
     @property
     def logs_dir(self) -> Path:
         return self.root / "logs"

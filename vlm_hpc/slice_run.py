@@ -25,13 +25,13 @@ from vlm_hpc.batching import BatchLimits, BatchPlanner, memory_tile_budget, spli
 from vlm_hpc.checkpoint import SliceIndex
 from vlm_hpc.config import RunConfig
 from vlm_hpc.dataset import RowSource, open_rows, slice_bounds
-from vlm_hpc.durable import write_atomic, write_json_atomic
+from vlm_hpc.durable import remove_stale_temporaries, write_atomic
 from vlm_hpc.engine import Caption, CaptionEngine, GenerationSettings
-from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.errors import VlmHpcError, io_error_line, io_problem
 from vlm_hpc.imaging import decode_image
 from vlm_hpc.job_environment import JobEnvironment
 from vlm_hpc.layout import OutputLayout
-from vlm_hpc.lease import SliceLease
+from vlm_hpc.lease import LeaseLost, SliceLease
 from vlm_hpc.manifest import ensure_manifest
 from vlm_hpc.model import inspect_model_folder
 from vlm_hpc.prefetch import PreparedRow, SliceBatches, batch_loader
@@ -70,6 +70,13 @@ def batch_limits(config: RunConfig, engine: CaptionEngine) -> BatchLimits:
     return BatchLimits(config.generation.batch_size, budget)
 
 
+class _SliceLogFile(logging.FileHandler):
+    """The slice's log file; a write it cannot make (disk full) is dropped, the stderr copy still shows it."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def _setup_logging(layout: OutputLayout, index: int) -> logging.Logger:
     layout.logs_dir.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger(f"vlm_hpc.slice{index}")
@@ -77,7 +84,7 @@ def _setup_logging(layout: OutputLayout, index: int) -> logging.Logger:
     logger.setLevel(logging.INFO)
     logger.propagate = False
     formatter = logging.Formatter("%(asctime)s slice %(slice)s | %(message)s".replace("%(slice)s", str(index)))
-    for handler in (logging.FileHandler(layout.log_file(index), mode="a"), logging.StreamHandler(sys.stderr)):
+    for handler in (_SliceLogFile(layout.log_file(index), mode="a"), logging.StreamHandler(sys.stderr)):
         handler.setFormatter(formatter)
         logger.addHandler(handler)
     return logger
@@ -167,8 +174,7 @@ class SliceOutcome:
     index: SliceIndex
 
 
-def _write_stamp(layout: OutputLayout, index: int, config: RunConfig, engine: CaptionEngine,
-                 environment: JobEnvironment) -> None:
+def _write_stamp(writer: SliceWriter, config: RunConfig, engine: CaptionEngine, environment: JobEnvironment) -> None:
     folder = Path(config.model.path)
     fingerprint = hashlib.sha256()
     for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
@@ -177,7 +183,7 @@ def _write_stamp(layout: OutputLayout, index: int, config: RunConfig, engine: Ca
     for shard in sorted(folder.glob("*.safetensors")):
         fingerprint.update(f"{shard.name}:{shard.stat().st_size}".encode())
     prompt = engine.prompt(1)
-    stamp_path = layout.stamp_file(index)
+    stamp_path = writer.layout.stamp_file(writer.slice)
     attempts = json.loads(stamp_path.read_text()) if stamp_path.exists() else []
     attempts.append({
         "time": time.time(), "environment": environment.to_dict(), "vlm_hpc": __version__,
@@ -187,7 +193,7 @@ def _write_stamp(layout: OutputLayout, index: int, config: RunConfig, engine: Ca
         "generation": config.to_dict()["generation"], "max_num": config.tiling.max_num,
         "device": str(engine.device), "dtype": str(engine.dtype),
     })
-    write_json_atomic(stamp_path, attempts)
+    writer.write_fenced(stamp_path, json.dumps(attempts, ensure_ascii=False, indent=1).encode())
 
 
 def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowSource, OutputLayout]:
@@ -209,36 +215,51 @@ def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowSource, 
 def run_slice(config: RunConfig, index: int, count: int,
               engine_factory: Callable[[RunConfig], CaptionEngine] = engine_from_config,
               stop: StopRequest | None = None) -> SliceOutcome:
-    """Caption slice `index` of `count` to completion or until asked to stop; resumable at any point."""
+    """Caption slice `index` of `count` to completion or until asked to stop; resumable at any point.
+    An I/O error on the output folder is raised as one VlmHpcError line, recorded as the slice's crash."""
+    try:
+        return _run_slice(config, index, count, engine_factory, stop)
+    except OSError as exc:
+        raise VlmHpcError(io_error_line(exc, Path(config.output.dir))) from None
+
+
+def _run_slice(config: RunConfig, index: int, count: int, engine_factory: Callable[[RunConfig], CaptionEngine],
+               stop: StopRequest | None) -> SliceOutcome:
     rows, layout = check_inputs(config, index, count)
     manifest = ensure_manifest(layout, rows, config, count)
     start, stop_row = slice_bounds(rows.num_rows, index, count)
     log = _setup_logging(layout, index)
     environment = JobEnvironment.current()
-    lease = SliceLease(layout.lease_file(index), environment, config.worker.stale_lease_seconds)
+    lease = SliceLease(layout.lease_file(index), environment, config.worker.stale_lease_seconds,
+                       heartbeat_seconds=config.worker.heartbeat_seconds, log=log.info)
     recovered = lease.acquire()
     if recovered:
         log.info(f"took over the slice lease: {recovered}")
-    lease.start_heartbeat(config.worker.heartbeat_seconds)
+    lease.start_heartbeat()
     index_path = layout.index_file(index)
-    state = SliceIndex.load(index_path) or SliceIndex(slice=index, num_slices=count, start=start, stop=stop_row)
     stop = stop or StopRequest(layout.kill_file(index), config.worker.grace_seconds)
+    writer = SliceWriter(layout, index, config.output.format, lease)
+    state: SliceIndex | None = None
     try:
-        writer = SliceWriter(layout, index, config.output.format)
-        writer.recover(state)
+        for folder, pattern in layout.slice_temporaries(index):
+            if removed := remove_stale_temporaries(folder, pattern):
+                log.info(f"removed {removed} temporary files an interrupted write left in {folder}")
+        state = SliceIndex.load(index_path) or SliceIndex(slice=index, num_slices=count, start=start, stop=stop_row)
+        with lease.fenced():
+            writer.recover(state)
         state.attempts += 1
         state.status, state.stop_reason, state.started_at = "running", None, time.time()
         state.rows_at_start = state.finished_rows
-        state.save(index_path)
+        writer.save_index(state)
         log.info(f"start: rows [{start}, {stop_row}) of {rows.num_rows}, {state.finished_rows} already done, "
                  f"attempt {state.attempts}, bicubic resize by {resampler()}, {environment.describe()}")
         if state.complete:
-            return _finish(layout, state, index_path, "done", None, log)
+            return _finish(writer, state, "done", None, log)
         stop.install()
         engine = engine_factory(config)
         if not layout.query_file.exists():
             write_atomic(layout.query_file, config.prompt.question.encode())
-        _write_stamp(layout, index, config, engine, environment)
+        _write_stamp(writer, config, engine, environment)
         limits = batch_limits(config, engine)
         if limits.max_tiles is not None:
             log.info(f"batches: up to {limits.max_tiles} tiles and {limits.max_images} images, "
@@ -254,7 +275,7 @@ def run_slice(config: RunConfig, index: int, count: int,
         def poll() -> None:
             stop.check_deadline()
             if lease.lost.is_set():
-                raise BatchAbandoned("the slice lease was taken by another worker")
+                raise BatchAbandoned(lease.lost_reason or "the slice lease was lost")
 
         def out_of_memory(tiles: int) -> None:
             if planner.shrink(tiles, config.tiling.max_num + 1):
@@ -318,28 +339,44 @@ def run_slice(config: RunConfig, index: int, count: int,
             run_batches([[held.pop(row) for row in rows] for rows in planner.flush()])
         commit()
         if lease.lost.is_set():
-            log.info("stopping: another worker took over this slice's lease; nothing more is committed here")
-            return SliceOutcome("stopped", "lease_lost", state)
+            raise LeaseLost(lease.lost_reason or "the slice lease was lost")
         if state.complete:
-            return _finish(layout, state, index_path, "done", None, log)
+            return _finish(writer, state, "done", None, log)
         status = "requeued" if stop.requeue else "stopped"
-        return _finish(layout, state, index_path, status, stop.reason or "unknown", log)
+        return _finish(writer, state, status, stop.reason or "unknown", log)
+    except LeaseLost as exc:
+        log.info(f"stopping: {exc}; nothing more is written by this worker")
+        return SliceOutcome("stopped", "lease_lost", state)
     except BaseException as exc:
-        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            state.status, state.stop_reason = "crashed", f"{type(exc).__name__}: {exc}"[:500]
-            state.save(index_path)
+        if state is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            _record_crash(writer, state, exc, log)
         raise
     finally:
         stop.uninstall()
         lease.release()
 
 
-def _finish(layout: OutputLayout, state: SliceIndex, index_path: Path, status: str, reason: str | None,
+def _record_crash(writer: SliceWriter, state: SliceIndex, exc: BaseException, log: logging.Logger) -> None:
+    """Mark the slice crashed with a short reason ("disk full (ENOSPC) on PATH") where the index can still be
+    written; the log line stays the record where it cannot."""
+    if isinstance(exc, OSError):
+        reason = f"{io_problem(exc)} on {exc.filename or writer.layout.root}"
+    else:
+        reason = f"{type(exc).__name__}: {exc}"
+    state.status, state.stop_reason = "crashed", reason[:500]
+    log.info(f"crashed: {state.stop_reason}")
+    try:
+        writer.save_index(state)
+    except (OSError, LeaseLost) as save_error:
+        log.info(f"could not record the crash in {writer.layout.index_file(state.slice)} ({save_error})")
+
+
+def _finish(writer: SliceWriter, state: SliceIndex, status: str, reason: str | None,
             log: logging.Logger) -> SliceOutcome:
     state.status, state.stop_reason = status, reason
-    state.save(index_path)
+    writer.save_index(state)
     if status == "done":
-        write_atomic(layout.end_marker(state.slice), f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        writer.write_fenced(writer.layout.end_marker(state.slice), f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
         log.info(f"done: {state.captions} captions, {state.failures} failures")
     else:
         log.info(f"{status} ({reason}) with {state.finished_rows}/{state.total} rows done")

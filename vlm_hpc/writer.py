@@ -2,7 +2,9 @@
 
 `commit_batch` is the only writer of caption outputs. In json format each caption is its own file, renamed
 into place; in jsonl format lines are appended to the slice's file and the index records the committed byte
-offset, so a resumed slice cuts off whatever an interrupted append left.
+offset, so a resumed slice cuts off whatever an interrupted append left. Every write of the slice's outputs and
+index is fenced by the slice lease: it happens under the lease lock, after checking that this worker still
+holds the lease, so a worker that lost its lease (suspended, late) writes nothing.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlm_hpc.checkpoint import SliceIndex
-from vlm_hpc.durable import append_durable, truncate_to, write_many_atomic
+from vlm_hpc.durable import append_durable, truncate_to, write_atomic, write_many_atomic
 from vlm_hpc.layout import OutputLayout
+from vlm_hpc.lease import SliceLease
 
 
 @dataclass(frozen=True)
@@ -38,11 +41,22 @@ class RowOutcome:
 class SliceWriter:
     """Writes one slice's outputs in the configured format."""
 
-    def __init__(self, layout: OutputLayout, slice_index: int, output_format: str) -> None:
+    def __init__(self, layout: OutputLayout, slice_index: int, output_format: str, lease: SliceLease) -> None:
         self.layout = layout
         self.slice = slice_index
         self.format = output_format
+        self.lease = lease
         self.temp_dir = layout.temp_dir(slice_index)
+
+    def save_index(self, index: SliceIndex) -> None:
+        """Rewrite the slice index (status changes), fenced by the lease."""
+        with self.lease.fenced():
+            index.save(self.layout.index_file(self.slice))
+
+    def write_fenced(self, path: Path, data: bytes) -> None:
+        """Write a file of this slice's (end marker, stamp) atomically, fenced by the lease."""
+        with self.lease.fenced():
+            write_atomic(path, data)
 
     def recover(self, index: SliceIndex) -> None:
         """Cut append-only files back to what the index says was committed; drop half-written files."""
@@ -54,7 +68,12 @@ class SliceWriter:
         truncate_to(self.layout.failures_file(self.slice), index.failures_offset)
 
     def commit_batch(self, outcomes: list[RowOutcome], index: SliceIndex, seconds: float) -> None:
-        """Make every output of the batch durable, then record the batch in the index (the commit point)."""
+        """Make every output of the batch durable, then record the batch in the index (the commit point);
+        raises LeaseLost, writing nothing, when another worker holds the slice now."""
+        with self.lease.fenced():
+            self._commit_batch(outcomes, index, seconds)
+
+    def _commit_batch(self, outcomes: list[RowOutcome], index: SliceIndex, seconds: float) -> None:
         captioned = [o for o in outcomes if o.caption is not None]
         captions_offset = index.captions_offset
         files: list[tuple[Path, bytes]] = []
@@ -75,6 +94,7 @@ class SliceWriter:
         if ledger:
             text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in ledger)
             failures_offset = append_durable(self.layout.failures_file(self.slice), text.encode(), failures_offset)
+        self.lease.confirm()  # again right before the commit point (the lock makes it a formality)
         index.commit(self.layout.index_file(self.slice), [o.row for o in outcomes], captions=len(captioned),
                      failures=sum(o.caption is None for o in outcomes), captions_offset=captions_offset,
                      failures_offset=failures_offset, samples=len(samples), seconds=seconds)
