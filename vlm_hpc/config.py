@@ -81,6 +81,8 @@ class WorkerSection:
     commit_seconds: float = 2.0  # commit finished batches at least this often (each commit costs fsyncs)
     commit_rows: int = 1024  # ... or as soon as this many rows are finished
     stale_lease_seconds: float = 120.0  # a lease not refreshed for this long is considered dead
+    # Heartbeat writes failing for this long give the lease up (null: half of stale_lease_seconds).
+    heartbeat_failure_seconds: float | None = None
 
 
 @dataclass

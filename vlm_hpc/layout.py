@@ -6,7 +6,8 @@
     OUTPUT/queries/query.txt       the prompt
     OUTPUT/end{I}.txt              completion marker of slice I (the seed's), with a timestamp
     OUTPUT/kill{I}.txt             touch it to stop slice I gracefully (the seed's kill file)
-    OUTPUT/state/slice_{I}.json    checkpoint index; state/slice_{I}.lease: who runs it
+    OUTPUT/state/slice_{I}.json    checkpoint index; state/slice_{I}.lease: who runs it (+ .lease.lock)
+    OUTPUT/state/slice_{I}.reserve 64 KiB kept free for recording a crash on a full disk
     OUTPUT/failures/slice_{I}.jsonl  rows that could not be captioned, with the reason
     OUTPUT/tmp/slice_{I}/          files being written (renamed into place when complete; cleared on resume)
     OUTPUT/stamps/slice_{I}.json   reproducibility stamp of each attempt
@@ -94,6 +95,10 @@ class OutputLayout:
 
     def lease_file(self, index: int) -> Path:
         return self.state_dir / f"{self.slice_name(index)}.lease"
+
+    def reserve_file(self, index: int) -> Path:
+        """Space kept for recording a crash when the disk is full (deleted to make that room)."""
+        return self.state_dir / f"{self.slice_name(index)}.reserve"
 
     def temp_dir(self, index: int) -> Path:
         return self.root / "tmp" / self.slice_name(index)

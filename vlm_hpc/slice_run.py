@@ -7,6 +7,7 @@ stop signal finish or abandon the batch in flight, commit, record why, and retur
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -68,6 +69,9 @@ def batch_limits(config: RunConfig, engine: CaptionEngine) -> BatchLimits:
             budget = memory_tile_budget(free, costs.tile_bytes, costs.image_bytes, costs.vision_workspace_bytes,
                                         config.generation.batch_size, smallest)
     return BatchLimits(config.generation.batch_size, budget)
+
+
+CRASH_RESERVE_BYTES = 64 * 1024  # on a full disk: room for the crash record, the log line and the lease release
 
 
 class _SliceLogFile(logging.FileHandler):
@@ -231,7 +235,8 @@ def _run_slice(config: RunConfig, index: int, count: int, engine_factory: Callab
     log = _setup_logging(layout, index)
     environment = JobEnvironment.current()
     lease = SliceLease(layout.lease_file(index), environment, config.worker.stale_lease_seconds,
-                       heartbeat_seconds=config.worker.heartbeat_seconds, log=log.info)
+                       heartbeat_seconds=config.worker.heartbeat_seconds,
+                       failing_seconds=config.worker.heartbeat_failure_seconds, log=log.info)
     recovered = lease.acquire()
     if recovered:
         log.info(f"took over the slice lease: {recovered}")
@@ -247,6 +252,7 @@ def _run_slice(config: RunConfig, index: int, count: int, engine_factory: Callab
         state = SliceIndex.load(index_path) or SliceIndex(slice=index, num_slices=count, start=start, stop=stop_row)
         with lease.fenced():
             writer.recover(state)
+            write_atomic(layout.reserve_file(index), bytes(CRASH_RESERVE_BYTES))
         state.attempts += 1
         state.status, state.stop_reason, state.started_at = "running", None, time.time()
         state.rows_at_start = state.finished_rows
@@ -364,6 +370,8 @@ def _record_crash(writer: SliceWriter, state: SliceIndex, exc: BaseException, lo
     else:
         reason = f"{type(exc).__name__}: {exc}"
     state.status, state.stop_reason = "crashed", reason[:500]
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        writer.layout.reserve_file(state.slice).unlink(missing_ok=True)  # the room to write what follows
     log.info(f"crashed: {state.stop_reason}")
     try:
         writer.save_index(state)

@@ -21,6 +21,7 @@ from vlm_hpc.checkpoint import SliceIndex
 from vlm_hpc.dataset import slice_bounds
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.layout import OutputLayout
+from vlm_hpc.lease import read_lease
 
 STALLED_AFTER_S = 300  # a running slice whose lease heartbeat is older than this is flagged
 
@@ -67,6 +68,19 @@ def _latest_jobs(layout: OutputLayout) -> dict[int, str]:
     return jobs
 
 
+def _crash_in_log(path: Path) -> str | None:
+    """The reason in the last attempt's "crashed: ..." log line, if it has one."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, 2) - 65536))
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return None
+    last_attempt = text.rsplit(" start: ", 1)[-1]
+    crashes = [line.split("crashed: ", 1)[1] for line in last_attempt.splitlines() if "| crashed: " in line]
+    return crashes[-1].strip() if crashes else None
+
+
 def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
     """Status of every slice of the run in `output`, and the number of rows."""
     layout = OutputLayout(Path(output))
@@ -84,16 +98,20 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
         state = SliceIndex.load(layout.index_file(index))
         slurm_state = slurm.get(jobs.get(index, ""))
         heartbeat = None
+        lease = read_lease(layout.lease_file(index))
         try:
-            heartbeat = now - float(json.loads(layout.lease_file(index).read_text())["heartbeat"])
-        except (OSError, ValueError, KeyError):
+            heartbeat = now - float(lease["heartbeat"])  # type: ignore[index]
+        except (TypeError, ValueError, KeyError):
             pass
         if state is None:
             statuses.append(SliceStatus(index, "running" if slurm_state == "RUNNING" else "pending", 0, total, 0,
                                         None, None, heartbeat, slurm_state, None))
             continue
-        name = state.status
-        if name == "running" and (heartbeat is None or heartbeat > STALLED_AFTER_S):
+        name, reason = state.status, state.stop_reason
+        if name == "running" and (lease is None or lease.get("released")):
+            # The worker ended without recording why (its index could not be written): its log may say.
+            name, reason = "crashed", _crash_in_log(layout.log_file(index)) or "ended without recording why"
+        elif name == "running" and (heartbeat is None or heartbeat > STALLED_AFTER_S):
             name = "stalled" if slurm_state in (None, "RUNNING") else "crashed"
         if slurm_state == "PENDING" and name != "done":
             name = "requeued" if state.attempts else "pending"
@@ -102,7 +120,7 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
         rate = done_this_attempt / elapsed if elapsed > 0 and done_this_attempt > 0 else None
         eta = (state.total - state.finished_rows) / rate if rate and name not in ("done",) else None
         statuses.append(SliceStatus(index, name, state.finished_rows, state.total, state.failures, rate, eta,
-                                    heartbeat, slurm_state, state.stop_reason))
+                                    heartbeat, slurm_state, reason))
     return statuses, num_rows
 
 
