@@ -7,12 +7,17 @@
 
 A stop lets the batch in flight finish if it can within `grace_seconds`, else abandons it (it is simply not
 committed); then the worker commits and exits. Handlers are idempotent: SIGCONT accompanies SIGTERM, and a
-time limit sends SIGTERM twice. DataLoader workers ignore these signals so that only the main process acts.
+time limit sends SIGTERM twice. DataLoader workers ignore these signals so that only the main process acts,
+and die with it however it dies (`kill -9`, the OOM killer), so that none is left behind outside Slurm's cgroup.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,9 +81,74 @@ class StopRequest:
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: Slurm signals every process of the task; only the main process acts on it."""
+    """Slurm signals every process of the task; only the main process acts on it."""
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+
+
+def loader_process_init(creator_pid: int, _worker_id: int) -> None:
+    """DataLoader worker_init_fn: ignore the stop signals and end with `creator_pid`, the process that made the
+    loader (bind it with functools.partial before the loader forks or spawns)."""
+    ignore_stop_signals()
+    end_with_parent(creator_pid)
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+PARENT_POLL_SECONDS = 1.0
+
+
+def end_with_parent(creator_pid: int) -> None:
+    """SIGKILL this process when its parent dies: armed in the kernel on Linux, else watched by a thread.
+
+    `creator_pid`, taken before the fork or spawn, is the parent, or the grandparent through
+    multiprocessing's fork server. PR_SET_PDEATHSIG fires when the *thread* that forked us exits: DataLoader
+    forks its workers in the thread that creates its iterator, run_slice's main thread, which ends with the
+    process (under the fork server the forking thread is the server's, which exits when its creator dies).
+    """
+    if not _set_parent_death_signal(signal.SIGKILL):
+        watch_parent(creator_pid)
+    elif not _started_by(creator_pid):  # it died before prctl ran: the kernel will not tell us
+        _die()
+
+
+def watch_parent(creator_pid: int) -> threading.Thread:
+    """Where prctl does not exist: a daemon thread that kills this process once `creator_pid` is no longer its
+    parent (it died and we were reparented), which works while the main thread is blocked in a pipe write."""
+    def watch() -> None:
+        while _started_by(creator_pid):
+            time.sleep(PARENT_POLL_SECONDS)
+        _die()
+    thread = threading.Thread(target=watch, name="vlm_hpc parent watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _set_parent_death_signal(number: int) -> bool:
+    """prctl(PR_SET_PDEATHSIG, number); False where there is no prctl (not Linux) or it fails."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, number, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _started_by(creator_pid: int) -> bool:
+    """Whether `creator_pid` is still our parent, or our parent's parent (the fork server's case)."""
+    parent = os.getppid()
+    return parent == creator_pid or _parent_of(parent) == creator_pid
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of `pid` from /proc (Linux), or None where it cannot be read."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def resend_time_limit_warning() -> None:
