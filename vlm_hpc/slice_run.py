@@ -235,7 +235,9 @@ def run_slice(config: RunConfig, index: int, count: int,
         if state.complete:
             return _finish(layout, state, index_path, "done", None, log)
         stop.install()
-        engine = engine_factory(config)
+        engine = None if stop.requested else engine_factory(config)
+        if stop.requested:  # before or while the model loaded: stop signals count from the command's first instant
+            return _finish(layout, state, index_path, "requeued" if stop.requeue else "stopped", stop.reason, log)
         if not layout.query_file.exists():
             write_atomic(layout.query_file, config.prompt.question.encode())
         _write_stamp(layout, index, config, engine, environment)

@@ -29,6 +29,21 @@ class BatchAbandoned(Exception):
     """The batch in flight could not finish within the grace period after a stop."""
 
 
+_signals_before_install: list[tuple[int, float]] = []  # (signal, monotonic time) seen by `record_stop_signals`
+
+
+def record_stop_signals() -> None:
+    """From a command's first instant, before its heavy imports: record the stop signals until a StopRequest
+    installs and acts on them (the default action would kill the process, and an early time-limit warning
+    would then mean no requeue)."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, _record_signal)
+
+
+def _record_signal(number: int, _frame) -> None:
+    _signals_before_install.append((number, time.monotonic()))
+
+
 class StopRequest:
     """Collects stop requests; the worker polls it between batches and the engine during generation."""
 
@@ -41,9 +56,16 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
-        """Route the stop signals here (remembering the previous handlers for `uninstall`)."""
+        """Route the stop signals here (remembering the previous handlers for `uninstall`), then act on those
+        that `record_stop_signals` saw first. Installing again is a no-op: the caller that installed first
+        and the callee that installs for itself can both call it."""
+        if self._previous:
+            return
         for number in STOP_SIGNALS:
             self._previous[number] = signal.signal(number, self._on_signal)
+        while _signals_before_install:
+            number, at = _signals_before_install.pop(0)
+            self._signal(number, at)
 
     def uninstall(self) -> None:
         for number, handler in self._previous.items():
@@ -51,13 +73,17 @@ class StopRequest:
         self._previous.clear()
 
     def _on_signal(self, number: int, _frame) -> None:
-        self.request(_REASONS.get(number, f"signal {number}"), requeue=number == signal.SIGUSR2)
+        self._signal(number, time.monotonic())
 
-    def request(self, reason: str, requeue: bool = False) -> None:
-        """Record a stop; the first one sets the deadline, a later SIGTERM cancels a pending requeue."""
+    def _signal(self, number: int, at: float) -> None:
+        self.request(_REASONS.get(number, f"signal {number}"), requeue=number == signal.SIGUSR2, at=at)
+
+    def request(self, reason: str, requeue: bool = False, at: float | None = None) -> None:
+        """Record a stop (made at monotonic time `at`, default now); the first one sets the deadline, a later
+        SIGTERM cancels a pending requeue."""
         if self.reason is None:
             self.reason = reason
-            self.deadline = time.monotonic() + self.grace_seconds
+            self.deadline = (time.monotonic() if at is None else at) + self.grace_seconds
             self.requeue = requeue
         elif reason == "sigterm" and self.reason == "time_limit":
             pass  # the time limit's own SIGTERM after its warning: still requeue
