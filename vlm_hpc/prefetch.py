@@ -6,7 +6,9 @@ shared-memory transfer per batch), and rows that cannot be captioned come with t
 
 from __future__ import annotations
 
+import functools
 import io
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +20,7 @@ from vlm_hpc.dataset import Row, RowSource
 from vlm_hpc.errors import ImageRejected
 from vlm_hpc.imaging import decode_image
 from vlm_hpc.manifest import RunManifest
-from vlm_hpc.stop import ignore_stop_signals
+from vlm_hpc.stop import loader_process_init
 from vlm_hpc.tiling import tile_image
 
 
@@ -134,8 +136,9 @@ def _collate(items: list[PreparedBatch]) -> PreparedBatch:
 
 def batch_loader(windows: SliceBatches, settings: WorkerSection, pin_memory: bool = False) -> DataLoader:
     """A DataLoader preparing `settings.prefetch_batches` windows ahead in `settings.loader_workers`
-    processes (0: in this process), which ignore stop signals: only the main process acts on them."""
+    processes (0: in this process), which ignore stop signals (only the main process acts on them) and die
+    with this process however it ends."""
     workers = settings.loader_workers
     return DataLoader(windows, batch_size=1, collate_fn=_collate, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=settings.prefetch_batches if workers else None,
-                      worker_init_fn=ignore_stop_signals if workers else None)
+                      worker_init_fn=functools.partial(loader_process_init, os.getpid()) if workers else None)

@@ -262,7 +262,9 @@ def _run_slice(config: RunConfig, index: int, count: int, engine_factory: Callab
         if state.complete:
             return _finish(writer, state, "done", None, log)
         stop.install()
-        engine = engine_factory(config)
+        engine = None if stop.requested else engine_factory(config)
+        if stop.requested:  # before or while the model loaded: stop signals count from the command's first instant
+            return _finish(layout, state, index_path, "requeued" if stop.requeue else "stopped", stop.reason, log)
         if not layout.query_file.exists():
             write_atomic(layout.query_file, config.prompt.question.encode())
         _write_stamp(writer, config, engine, environment)

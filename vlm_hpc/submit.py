@@ -49,7 +49,13 @@ class SliceJob(submitit.helpers.Checkpointable):
     def __call__(self, slice_index: int) -> dict:
         layout = OutputLayout(Path(self.config.output.dir))
         stop = StopRequest(layout.kill_file(slice_index), self.config.worker.grace_seconds)
-        outcome = run_slice(self.config, slice_index, self.num_slices, stop=stop)
+        # Ours from here, not after run_slice's lease and checks (submitit's SIGTERM handler ignores the signal);
+        # run_slice restores submitit's handlers when it returns, so its USR2 requeue below still works.
+        stop.install()
+        try:
+            outcome = run_slice(self.config, slice_index, self.num_slices, stop=stop)
+        finally:
+            stop.uninstall()
         summary = {"slice": slice_index, "status": outcome.status, "reason": outcome.reason,
                    "captions": outcome.index.captions, "failures": outcome.index.failures}
         under_slurm = submitit.JobEnvironment().cluster == "slurm"

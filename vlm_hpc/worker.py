@@ -1,7 +1,8 @@
 """`python -m vlm_hpc.worker --config FILE --slice I --num-slices N [key=value ...]`: one slice, in the foreground.
 
 This is what every array task of the sbatch template runs; `vlm_hpc.slice_run` does the work. The command
-imports it only inside `main`, so that nothing heavy (torch, transformers) is loaded before argument parsing.
+imports it only inside `main`, after it has started recording stop signals: a time-limit warning or a SIGTERM
+during the seconds that torch and transformers take to import is acted on (requeue, or stop), not fatal.
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vlm_hpc.stop import record_stop_signals
+
 
 def main(argv: list[str] | None = None) -> int:
+    record_stop_signals()
     parser = argparse.ArgumentParser(prog="python -m vlm_hpc.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     parser.add_argument("--slice", type=int, required=True)
