@@ -264,7 +264,7 @@ def _run_slice(config: RunConfig, index: int, count: int, engine_factory: Callab
         stop.install()
         engine = None if stop.requested else engine_factory(config)
         if stop.requested:  # before or while the model loaded: stop signals count from the command's first instant
-            return _finish(layout, state, index_path, "requeued" if stop.requeue else "stopped", stop.reason, log)
+            return _finish(writer, state, "requeued" if stop.requeue else "stopped", stop.reason, log)
         if not layout.query_file.exists():
             write_atomic(layout.query_file, config.prompt.question.encode())
         _write_stamp(writer, config, engine, environment)
