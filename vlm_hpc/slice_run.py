@@ -35,6 +35,7 @@ from vlm_hpc.lease import SliceLease
 from vlm_hpc.manifest import ensure_manifest
 from vlm_hpc.model import inspect_model_folder
 from vlm_hpc.prefetch import PreparedRow, SliceBatches, batch_loader
+from vlm_hpc.repair import repair_on_resume, resume_index
 from vlm_hpc.resampling import resampler
 from vlm_hpc.stop import BatchAbandoned, StopRequest
 from vlm_hpc.tiling import tile_image
@@ -221,9 +222,12 @@ def run_slice(config: RunConfig, index: int, count: int,
         log.info(f"took over the slice lease: {recovered}")
     lease.start_heartbeat(config.worker.heartbeat_seconds)
     index_path = layout.index_file(index)
-    state = SliceIndex.load(index_path) or SliceIndex(slice=index, num_slices=count, start=start, stop=stop_row)
+    state: SliceIndex | None = None
     stop = stop or StopRequest(layout.kill_file(index), config.worker.grace_seconds)
-    try:
+    try:  # from here on the lease is released whatever happens, a corrupt index included
+        state = resume_index(layout, index, count, start, stop_row)
+        repair_on_resume(layout, config.output.format, state, lambda: rows.keys(start, stop_row),
+                         manifest.duplicate_rows, log)
         writer = SliceWriter(layout, index, config.output.format)
         writer.recover(state)
         state.attempts += 1
@@ -325,7 +329,7 @@ def run_slice(config: RunConfig, index: int, count: int,
         status = "requeued" if stop.requeue else "stopped"
         return _finish(layout, state, index_path, status, stop.reason or "unknown", log)
     except BaseException as exc:
-        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        if state is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
             state.status, state.stop_reason = "crashed", f"{type(exc).__name__}: {exc}"[:500]
             state.save(index_path)
         raise
