@@ -17,7 +17,8 @@ import pytest
 from builders import make_dataset, png, write_config
 from test_worker import read_captions, shared_engine  # noqa: F401 (a fixture)
 from vlm_hpc.checkpoint import SliceIndex
-from vlm_hpc.config import load_config
+from vlm_hpc.config import DataSection, load_config
+from vlm_hpc.dataset import open_rows
 from vlm_hpc.durable import append_durable
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.layout import OutputLayout
@@ -124,8 +125,6 @@ def test_repair_is_the_same_after_a_crash_before_the_index_is_saved(finished_run
     nul_fill_middle(output / JSONL)
     layout = OutputLayout(output)
     manifest = load_manifest(layout.manifest_file)
-    from vlm_hpc.dataset import open_rows
-    from vlm_hpc.config import DataSection
     rows = open_rows(DataSection(**manifest.data))
     old_index = (output / INDEX).read_bytes()
     results = []

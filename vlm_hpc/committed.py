@@ -196,11 +196,11 @@ def read_slice_outputs(layout: OutputLayout, output_format: str, number: int, st
                 continue
             path = layout.caption_json(key)
             try:
-                body, problem = parse_record(path.read_bytes(), caption_body_problem)
+                problem = parse_record(path.read_bytes(), caption_body_problem)[1]
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                body, problem = None, f"unreadable ({exc.strerror})"
+                problem = f"unreadable ({exc.strerror})"
             if problem:
                 damaged_files.append(f"{path}: {problem}")
             else:
