@@ -91,3 +91,14 @@ def stop(process: subprocess.Popen, number: int = signal.SIGKILL) -> None:
     if process.poll() is None:
         process.send_signal(number)
     process.wait(timeout=60)
+
+
+def read_captions(output: Path) -> dict[str, dict]:
+    captions = {}
+    for path in (output / "captions").rglob("*.json"):
+        captions[path.stem] = json.loads(path.read_text())
+    for path in (output / "captions").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            captions[record["key"]] = {"web_caption": record["web_caption"], "vlm_caption": record["vlm_caption"]}
+    return captions

@@ -38,3 +38,18 @@ def golden_images() -> dict[str, bytes]:
     """Golden image bytes by key."""
     index = load_golden("images/index.json")["images"]
     return {item["key"]: (GOLDEN / "images" / item["file"]).read_bytes() for item in index}
+
+
+@pytest.fixture(scope="module")
+def shared_engine():
+    """One loaded engine for every in-process run (the model is the same; only slices differ)."""
+    from vlm_hpc.slice_run import engine_from_config
+    cache: dict = {}
+
+    def factory(config):
+        if "engine" not in cache:
+            cache["engine"] = engine_from_config(config)
+        engine = cache["engine"]
+        engine.system_message = config.prompt.system_message or engine.system_message
+        return engine
+    return factory

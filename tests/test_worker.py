@@ -15,41 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from builders import (committed_rows, make_dataset, noise_dataset, png, slice_state, slow_dataset, start_worker,
-                      stop, wait_for, write_config)
+from builders import (committed_rows, make_dataset, noise_dataset, png, read_captions, slice_state, slow_dataset,
+                      start_worker, stop, wait_for, write_config)
 from conftest import GOLDEN, load_golden
 from vlm_hpc.config import load_config
 from vlm_hpc.engine import CaptionEngine
 from vlm_hpc.verify import verify
-from vlm_hpc.slice_run import engine_from_config, run_slice
+from vlm_hpc.slice_run import run_slice
 
 E2E = load_golden("e2e_golden.json")
 GOLDEN_CAPTIONS = dict(zip(E2E["batch"]["keys"], E2E["batch"]["responses"]))
-
-
-@pytest.fixture(scope="module")
-def shared_engine():
-    """One loaded engine for every in-process run (the model is the same; only slices differ)."""
-    cache: dict[str, CaptionEngine] = {}
-
-    def factory(config) -> CaptionEngine:
-        if "engine" not in cache:
-            cache["engine"] = engine_from_config(config)
-        engine = cache["engine"]
-        engine.system_message = config.prompt.system_message or engine.system_message
-        return engine
-    return factory
-
-
-def read_captions(output: Path) -> dict[str, dict]:
-    captions = {}
-    for path in (output / "captions").rglob("*.json"):
-        captions[path.stem] = json.loads(path.read_text())
-    for path in (output / "captions").glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            captions[record["key"]] = {"web_caption": record["web_caption"], "vlm_caption": record["vlm_caption"]}
-    return captions
 
 
 @pytest.mark.parametrize(("num_slices", "output_format"), [(1, "json"), (2, "json"), (4, "jsonl"), (15, "json")])

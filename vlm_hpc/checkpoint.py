@@ -7,12 +7,22 @@ overwritten (json) or its appended tail cut off (jsonl, failure ledger) when the
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from vlm_hpc.durable import read_json, write_json_atomic
+from vlm_hpc.durable import write_json_atomic
 from vlm_hpc.errors import VlmHpcError
+
+
+class CorruptIndex(VlmHpcError):
+    """An index file that exists but cannot be what `SliceIndex.save` wrote; `problem` says what is wrong."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path} is corrupt: {problem}")
+        self.path = path
+        self.problem = problem
 
 
 def add_interval(intervals: list[list[int]], start: int, stop: int) -> list[list[int]]:
@@ -35,6 +45,11 @@ def _runs(rows: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append((row, row + 1))
     return runs
+
+
+def intervals_of(rows: set[int] | list[int]) -> list[list[int]]:
+    """Rows as the index's sorted, disjoint [start, stop) intervals."""
+    return [[a, b] for a, b in _runs(list(rows))]
 
 
 def rows_in(intervals: list[list[int]]) -> int:
@@ -62,6 +77,7 @@ class SliceIndex:
     rows_at_start: int = 0  # finished rows when the current attempt started (for its rate)
     updated_at: float | None = None
     compute_seconds: float = 0.0  # model time spent on committed batches, across attempts
+    repairs: list[dict] = field(default_factory=list)  # damaged outputs found on resume or by verify --repair
 
     @property
     def total(self) -> int:
@@ -89,13 +105,48 @@ class SliceIndex:
 
     @classmethod
     def load(cls, path: Path) -> SliceIndex | None:
-        raw = read_json(path)
-        if raw is None:
-            return None
+        """The index at `path`, None if there is none; CorruptIndex if its content is anything else."""
         try:
-            return cls(**raw)
-        except TypeError as exc:
-            raise VlmHpcError(f"{path} is not a vlm_hpc slice index ({exc}); was it written by another tool?") from None
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise CorruptIndex(path, f"unreadable ({exc.strerror})") from None
+        return cls.parse(data, path)
+
+    @classmethod
+    def parse(cls, data: bytes, path: Path) -> SliceIndex:
+        """Check every field's type and the intervals' order, so that no later step trips over a bad value."""
+        try:
+            raw = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise CorruptIndex(path, f"invalid UTF-8 at byte {exc.start}") from None
+        except json.JSONDecodeError as exc:
+            raise CorruptIndex(path, f"not JSON ({exc.msg} at byte {exc.pos} of {len(data)})") from None
+        if not isinstance(raw, dict):
+            raise CorruptIndex(path, f"a JSON {type(raw).__name__}, not an object")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise CorruptIndex(path, f"unknown fields {unknown}; was it written by another tool?")
+        missing = [name for name in ("slice", "num_slices", "start", "stop") if name not in raw]
+        if missing:
+            raise CorruptIndex(path, f"missing fields {missing}")
+        for name, value in raw.items():
+            if name in _FIELD_TYPES and not _has_type(value, _FIELD_TYPES[name]):
+                raise CorruptIndex(path, f"field {name!r} is {value!r:.60}, not {_FIELD_TYPES[name][0]}")
+        index = cls(**raw)
+        previous = index.start
+        for interval in index.done:
+            if len(interval) != 2 or not previous <= interval[0] < interval[1] <= index.stop:
+                raise CorruptIndex(path, f"'done' interval {interval} is out of order or outside "
+                                         f"[{index.start}, {index.stop})")
+            previous = interval[1]
+        negative = [name for name in ("captions", "failures", "captions_offset", "failures_offset")
+                    if getattr(index, name) < 0]
+        if negative:
+            raise CorruptIndex(path, f"negative {negative}")
+        return index
 
     def save(self, path: Path) -> None:
         self.updated_at = time.time()
@@ -113,3 +164,28 @@ class SliceIndex:
         self.sample_images += samples
         self.compute_seconds += seconds
         self.save(path)
+
+
+def _has_type(value: object, expected: tuple[str, tuple[type, ...]]) -> bool:
+    name, types = expected
+    if isinstance(value, bool) and bool not in types:  # JSON true is not a row count
+        return False
+    if name == "a list of [start, stop] pairs":
+        return isinstance(value, list) and all(
+            isinstance(pair, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+            for pair in value)
+    if name == "a list of objects":
+        return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+    return isinstance(value, types)
+
+
+_INT = ("an integer", (int,))
+_NUMBER = ("a number", (int, float))
+_OPTIONAL_NUMBER = ("a number or null", (int, float, type(None)))
+_FIELD_TYPES: dict[str, tuple[str, tuple[type, ...]]] = {
+    "slice": _INT, "num_slices": _INT, "start": _INT, "stop": _INT, "done": ("a list of [start, stop] pairs", (list,)),
+    "captions": _INT, "failures": _INT, "captions_offset": _INT, "failures_offset": _INT, "sample_images": _INT,
+    "status": ("a string", (str,)), "stop_reason": ("a string or null", (str, type(None))), "attempts": _INT,
+    "started_at": _OPTIONAL_NUMBER, "rows_at_start": _INT, "updated_at": _OPTIONAL_NUMBER,
+    "compute_seconds": _NUMBER, "repairs": ("a list of objects", (list,)),
+}

@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from vlm_hpc.errors import VlmHpcError
+
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
@@ -99,10 +101,15 @@ def write_json_atomic(path: Path, value: object) -> None:
 
 
 def append_durable(path: Path, data: bytes, expected_size: int) -> int:
-    """Append at `expected_size` (cutting any uncommitted tail first), fsync; return the new size."""
+    """Append at `expected_size` (cutting any uncommitted tail first), fsync; return the new size. A file
+    shorter than `expected_size` lost committed bytes: an error, never padded (padding glues the next line
+    onto a torn one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     created = not path.exists()
     with open(path, "ab") as handle:
+        if handle.tell() < expected_size:
+            raise VlmHpcError(f"{path} is {handle.tell()} bytes, shorter than the {expected_size} committed: it "
+                              f"lost committed lines; run this slice's worker again, its resume repairs the file")
         if handle.tell() != expected_size:
             handle.truncate(expected_size)
             handle.seek(expected_size)
@@ -121,11 +128,3 @@ def truncate_to(path: Path, size: int) -> None:
         with open(path, "r+b") as handle:
             handle.truncate(size)
             os.fsync(handle.fileno())
-
-
-def read_json(path: Path) -> dict | None:
-    """The JSON object at `path`, or None if there is none."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None

@@ -32,7 +32,8 @@ def io_problem(exc: OSError) -> str:
 
 def io_error_line(exc: OSError, root: Path) -> str:
     """One line for an I/O error on the output folder: the path, the operation's problem, and what to do."""
-    path = Path(exc.filename) if exc.filename else root
+    named = exc.filename2 or exc.filename  # a rename names its destination second: usually the folder at fault
+    path = Path(named) if named else root
     folder = path.parent if path != root else root
     code = errno.errorcode.get(exc.errno or 0, "")
     if code in ("ENOSPC", "EDQUOT"):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
-from vlm_hpc.config import RunConfig
+from vlm_hpc.config import DataSection, RunConfig
 from vlm_hpc.dataset import RowSource, dataset_fingerprint
 from vlm_hpc.durable import fsync_dir
 from vlm_hpc.errors import VlmHpcError
@@ -31,6 +33,43 @@ class RunManifest:
     data: dict = field(default_factory=dict)  # the data section: path and column names
     created_at: float = field(default_factory=time.time)
     duplicate_rows: dict[str, int] = field(default_factory=dict)  # row -> first row with that key
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "dataset_fingerprint": str, "data_path": str, "num_rows": int, "num_slices": int, "output_format": str,
+    "data": dict, "created_at": (int, float), "duplicate_rows": dict,
+}
+
+
+def load_manifest(path: Path) -> RunManifest:
+    """The manifest at `path`; one error naming the file and what is wrong when it is damaged."""
+    def corrupt(problem: str) -> VlmHpcError:
+        return VlmHpcError(f"{path} is corrupt: {problem}; if the dataset and slicing are unchanged, remove it "
+                           f"(rm {shlex.quote(str(path))}) and submit again with the same --array to write it anew")
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise corrupt(f"invalid UTF-8 at byte {exc.start}") from None
+    except json.JSONDecodeError as exc:
+        raise corrupt(f"not JSON ({exc.msg} at byte {exc.pos})") from None
+    if not isinstance(raw, dict):
+        raise corrupt(f"a JSON {type(raw).__name__}, not an object")
+    names = {f.name for f in fields(RunManifest)}
+    if set(raw) - names or {"dataset_fingerprint", "num_rows", "num_slices", "output_format"} - set(raw):
+        raise corrupt(f"its fields {sorted(raw)} are not a manifest's {sorted(names)}")
+    for name, value in raw.items():
+        expected = _FIELD_TYPES.get(name, object)
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is int):
+            raise corrupt(f"field {name!r} is {value!r:.60}")
+    if raw["num_rows"] < 0 or raw["num_slices"] < 1 or raw["output_format"] not in ("json", "jsonl"):
+        raise corrupt(f"num_rows {raw['num_rows']}, num_slices {raw['num_slices']}, "
+                      f"output_format {raw['output_format']!r} are not a run's")
+    data_fields = {f.name for f in fields(DataSection)}
+    if set(raw.get("data", {})) - data_fields:
+        raise corrupt(f"its data section {sorted(raw['data'])} has fields that are not {sorted(data_fields)}")
+    if not all(isinstance(k, str) and isinstance(v, int) for k, v in raw.get("duplicate_rows", {}).items()):
+        raise corrupt("duplicate_rows is not a map of row to row")
+    return RunManifest(**raw)
 
 
 def find_duplicate_keys(rows: RowSource) -> dict[str, int]:
@@ -54,7 +93,7 @@ def ensure_manifest(layout: OutputLayout, rows: RowSource, config: RunConfig, nu
     fingerprint = dataset_fingerprint(rows, config.data)
     path = layout.manifest_file
     if path.exists():
-        existing = RunManifest(**json.loads(path.read_text()))
+        existing = load_manifest(path)
         problems = []
         if existing.dataset_fingerprint != fingerprint or existing.num_rows != rows.num_rows:
             problems.append(f"the dataset differs ({existing.data_path}, {existing.num_rows} rows then; "

@@ -36,6 +36,7 @@ from vlm_hpc.lease import LeaseLost, SliceLease
 from vlm_hpc.manifest import ensure_manifest
 from vlm_hpc.model import inspect_model_folder
 from vlm_hpc.prefetch import PreparedRow, SliceBatches, batch_loader
+from vlm_hpc.repair import repair_on_resume, resume_index
 from vlm_hpc.resampling import resampler
 from vlm_hpc.stop import BatchAbandoned, StopRequest
 from vlm_hpc.tiling import tile_image
@@ -241,16 +242,17 @@ def _run_slice(config: RunConfig, index: int, count: int, engine_factory: Callab
     if recovered:
         log.info(f"took over the slice lease: {recovered}")
     lease.start_heartbeat()
-    index_path = layout.index_file(index)
     stop = stop or StopRequest(layout.kill_file(index), config.worker.grace_seconds)
     writer = SliceWriter(layout, index, config.output.format, lease)
     state: SliceIndex | None = None
-    try:
+    try:  # from here on the lease is released whatever happens, a corrupt index included
         for folder, pattern in layout.slice_temporaries(index):
             if removed := remove_stale_temporaries(folder, pattern):
                 log.info(f"removed {removed} temporary files an interrupted write left in {folder}")
-        state = SliceIndex.load(index_path) or SliceIndex(slice=index, num_slices=count, start=start, stop=stop_row)
+        state = resume_index(layout, index, count, start, stop_row)
         with lease.fenced():
+            repair_on_resume(layout, config.output.format, state, lambda: rows.keys(start, stop_row),
+                             manifest.duplicate_rows, log)
             writer.recover(state)
             write_atomic(layout.reserve_file(index), bytes(CRASH_RESERVE_BYTES))
         state.attempts += 1
@@ -368,7 +370,7 @@ def _record_crash(writer: SliceWriter, state: SliceIndex, exc: BaseException, lo
     """Mark the slice crashed with a short reason ("disk full (ENOSPC) on PATH") where the index can still be
     written; the log line stays the record where it cannot."""
     if isinstance(exc, OSError):
-        reason = f"{io_problem(exc)} on {exc.filename or writer.layout.root}"
+        reason = f"{io_problem(exc)} on {exc.filename2 or exc.filename or writer.layout.root}"
     else:
         reason = f"{type(exc).__name__}: {exc}"
     state.status, state.stop_reason = "crashed", reason[:500]

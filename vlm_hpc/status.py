@@ -22,6 +22,7 @@ from vlm_hpc.dataset import slice_bounds
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.layout import OutputLayout
 from vlm_hpc.lease import read_lease
+from vlm_hpc.manifest import load_manifest
 
 STALLED_AFTER_S = 300  # a running slice whose lease heartbeat is older than this is flagged
 
@@ -86,8 +87,8 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
     layout = OutputLayout(Path(output))
     if not layout.manifest_file.exists():
         raise VlmHpcError(f"status: {layout.manifest_file} is missing; no run has started in {output}")
-    manifest = json.loads(layout.manifest_file.read_text())
-    count, num_rows = manifest["num_slices"], manifest["num_rows"]
+    manifest = load_manifest(layout.manifest_file)
+    count, num_rows = manifest.num_slices, manifest.num_rows
     jobs = _latest_jobs(layout)
     slurm = _slurm_states(set(jobs.values()))
     now = time.time()

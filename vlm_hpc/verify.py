@@ -1,6 +1,7 @@
-"""`python -m vlm_hpc.verify OUTPUT`: prove a run. Every row of every slice must be committed exactly once
-or in the failure ledger; reports pending, lost, duplicate, orphan and corrupt outputs. Exit code 0 only
-when the run is complete and all is well.
+"""`python -m vlm_hpc.verify OUTPUT [--repair]`: prove a run. Every row of every slice must be committed exactly
+once or in the failure ledger; reports pending, lost, duplicate, orphan and corrupt outputs (any damaged index,
+ledger, lease, manifest or caption file, named). Exit code 0 only when the run is complete and all is well.
+`--repair` first rebuilds each missing or corrupt slice index from the slice's intact outputs.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vlm_hpc.checkpoint import SliceIndex
-from vlm_hpc.config import DataSection
-from vlm_hpc.dataset import open_rows, slice_bounds
+from vlm_hpc.checkpoint import CorruptIndex
+from vlm_hpc.committed import parse_record, read_slice_outputs
+from vlm_hpc.config import DataSection, WorkerSection
+from vlm_hpc.dataset import RowSource, open_rows, slice_bounds
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.layout import OutputLayout, relpath_to_key
-from vlm_hpc.manifest import RunManifest
+from vlm_hpc.job_environment import JobEnvironment
+from vlm_hpc.lease import SliceBusy, SliceLease
+from vlm_hpc.manifest import RunManifest, load_manifest
+from vlm_hpc.repair import load_index, rebuild_index, repair_command
 
 PROBLEMS = ("lost", "duplicate", "orphan", "corrupt")
 
@@ -40,14 +45,6 @@ class Report:
         return self.pending == 0 and not any(getattr(self, name) for name in PROBLEMS)
 
 
-def _ledger(path: Path, committed_size: int) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, "rb") as handle:
-        text = handle.read(committed_size).decode()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def _caption_files(layout: OutputLayout) -> dict[str, Path]:
     """Every captions/**.json by key (one directory walk, no stat per key)."""
     found: dict[str, Path] = {}
@@ -60,84 +57,150 @@ def _caption_files(layout: OutputLayout) -> dict[str, Path]:
     return found
 
 
-def _check_caption(body: object) -> bool:
-    return (isinstance(body, dict) and isinstance(body.get("vlm_caption"), str) and body["vlm_caption"] != ""
-            and "web_caption" in body)
+def _lease_record_problem(record: object) -> str | None:
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    if record.get("released") is True:  # a released lease keeps its generation
+        expected = {"generation": (int,)}
+    else:
+        expected = {"host": (str,), "pid": (int,), "heartbeat": (int, float), "token": (str,), "generation": (int,)}
+    wrong = [name for name, types in expected.items()
+             if not isinstance(record.get(name), types) or isinstance(record.get(name), bool)]
+    return f"fields {wrong} are missing or of the wrong type" if wrong else None
+
+
+def _lease_problem(path: Path) -> str | None:
+    """What is wrong with a slice's lease file, None when it is absent or sound."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    return parse_record(data, _lease_record_problem)[1]
+
+
+def _open_run(output: str | Path) -> tuple[OutputLayout, RunManifest, RowSource]:
+    layout = OutputLayout(Path(output))
+    if not layout.manifest_file.exists():
+        raise VlmHpcError(f"verify: {layout.manifest_file} is missing; is {output} a vlm_hpc output folder?")
+    manifest = load_manifest(layout.manifest_file)
+    return layout, manifest, open_rows(DataSection(**manifest.data))
+
+
+def _has_outputs(layout: OutputLayout, number: int, keys: list[str | None]) -> bool:
+    """Whether a slice without an index wrote anything (then its index was lost, not never written)."""
+    for path in (layout.caption_jsonl(number), layout.failures_file(number)):
+        if path.exists() and path.stat().st_size > 0:
+            return True
+    return any(layout.caption_json(key).exists() for key in keys if key)
 
 
 def verify(output: str | Path) -> Report:
     """Check an output folder against its dataset; see the module docstring."""
-    layout = OutputLayout(Path(output))
-    if not layout.manifest_file.exists():
-        raise VlmHpcError(f"verify: {layout.manifest_file} is missing; is {output} a vlm_hpc output folder?")
-    manifest = RunManifest(**json.loads(layout.manifest_file.read_text()))
-    rows = open_rows(DataSection(**manifest.data))
+    layout, manifest, rows = _open_run(output)
+
+    def named(path: Path) -> str:
+        return str(path.relative_to(layout.root)) if path.is_relative_to(layout.root) else str(path)
     report = Report(rows=manifest.num_rows)
     all_keys = set(rows.keys(0, rows.num_rows))
     files = _caption_files(layout) if manifest.output_format == "json" else {}
     captioned_keys: Counter[str] = Counter()
     for number in range(manifest.num_slices):
         start, stop = slice_bounds(manifest.num_rows, number, manifest.num_slices)
-        index = SliceIndex.load(layout.index_file(number))
+        keys = rows.keys(start, stop)
+        lease_problem = _lease_problem(layout.lease_file(number))
+        if lease_problem:
+            report.corrupt.append(f"{named(layout.lease_file(number))}: {lease_problem}")
+        try:
+            index = load_index(layout, number, manifest.num_slices, start, stop)
+        except CorruptIndex as exc:
+            report.corrupt.append(f"{named(exc.path)}: {exc.problem}")
+            report.pending += stop - start
+            report.slices[number] = "corrupt index"
+            continue
         if index is None:
             report.pending += stop - start
             report.slices[number] = "not started"
+            if _has_outputs(layout, number, keys):
+                report.corrupt.append(f"{named(layout.index_file(number))}: missing while the slice has outputs")
             continue
         report.slices[number] = index.status
-        failed_rows = {line["row"] for line in _ledger(layout.failures_file(number), index.failures_offset)
-                       if not line.get("captioned")}
-        keys = rows.keys(start, stop)
-        jsonl_keys: Counter[str] = Counter()
-        if manifest.output_format == "jsonl":
-            path = layout.caption_jsonl(number)
-            data = path.read_bytes()[: index.captions_offset] if path.exists() else b""
-            for line_number, line in enumerate(data.decode(errors="replace").splitlines(), start=1):
-                try:
-                    record = json.loads(line)
-                    if not _check_caption(record):
-                        raise ValueError("missing fields")
-                    jsonl_keys[record["key"]] += 1
-                    if record["key"] not in all_keys:
-                        report.orphan.append(f"{path.name}:{line_number} key {record['key']!r}")
-                except (ValueError, KeyError, TypeError) as exc:
-                    report.corrupt.append(f"{path.name}:{line_number}: {exc}")
+        outputs = read_slice_outputs(layout, manifest.output_format, number, start, keys, manifest.duplicate_rows,
+                                     index.captions_offset, index.failures_offset)
+        for scan in (outputs.captions, outputs.ledger):
+            if scan is not None:
+                report.corrupt += [f"{named(scan.path)} {item}" for item in scan.damage]
+        report.corrupt += [named(Path(item)) for item in outputs.damaged_files]
+        report.orphan += outputs.foreign_lines
+        report.duplicate += outputs.repeated_lines
         for offset, key in enumerate(keys):
             row = start + offset
             if not index.is_done(row):
                 report.pending += 1
-            elif row in failed_rows:
+            elif row in outputs.failed:
                 report.failed += 1
-            elif manifest.output_format == "jsonl":
-                if jsonl_keys.get(key, 0) == 0:
-                    report.lost.append(f"row {row} key {key!r}")
-                else:
-                    report.captioned += 1
-                    captioned_keys[key] += 1
-            else:
-                path = files.get(key)
-                if path is None:
-                    report.lost.append(f"row {row} key {key!r}")
-                    continue
-                try:
-                    if not _check_caption(json.loads(path.read_text())):
-                        raise ValueError("missing web_caption/vlm_caption")
-                except (ValueError, OSError) as exc:
-                    report.corrupt.append(f"{path}: {exc}")
-                    continue
+            elif row in outputs.captioned:
                 report.captioned += 1
                 captioned_keys[key] += 1
-        report.duplicate += [f"key {k!r} in {n} lines of slice {number}" for k, n in jsonl_keys.items() if n > 1]
+            else:
+                report.lost.append(f"row {row} key {key!r}")
     report.duplicate += [f"key {k!r} committed by {n} rows" for k, n in captioned_keys.items() if n > 1]
     report.orphan += [f"{path}" for key, path in files.items() if key not in all_keys]
     return report
+
+
+def repair(output: str | Path, stale_seconds: float) -> tuple[list[str], bool]:
+    """Rebuild every missing (with outputs) or corrupt index from the slice's intact outputs, skipping slices a
+    live worker holds; what was done, one line each, and whether every such index was rebuilt."""
+    layout, manifest, rows = _open_run(output)
+    lines, complete = [], True
+    for number in range(manifest.num_slices):
+        start, stop = slice_bounds(manifest.num_rows, number, manifest.num_slices)
+        path = layout.index_file(number)
+        try:
+            if load_index(layout, number, manifest.num_slices, start, stop) is not None:
+                continue
+            why = "missing"
+        except CorruptIndex as exc:
+            why = exc.problem
+        keys = rows.keys(start, stop)
+        if why == "missing" and not _has_outputs(layout, number, keys):
+            continue
+        # Take the slice's lease for the rebuild, so that no worker starts on the slice while it runs.
+        lease = SliceLease(layout.lease_file(number), JobEnvironment.current(), stale_seconds)
+        try:
+            lease.acquire()
+        except SliceBusy as exc:
+            lines.append(f"not repaired: {path} ({why}): {exc}; run this again when it has stopped")
+            complete = False
+            continue
+        try:
+            with lease.fenced():
+                index = rebuild_index(layout, manifest.output_format, number, manifest.num_slices, start, keys,
+                                      manifest.duplicate_rows, why)
+        finally:
+            lease.release()
+        lines.append(f"rebuilt {path} ({why}) from its outputs: {index.finished_rows}/{index.total} rows done, "
+                     f"{index.captions} captions, {index.failures} failures")
+    return lines, complete
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlm_hpc.verify", description=__doc__.splitlines()[0])
     parser.add_argument("output", help="the run's output folder")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--repair", action="store_true",
+                        help="first rebuild each missing or corrupt slice index from the slice's intact outputs")
+    parser.add_argument("--stale-seconds", type=float, default=WorkerSection.stale_lease_seconds,
+                        help="a lease older than this is a dead worker's (as worker.stale_lease_seconds)")
     args = parser.parse_args(argv)
+    repaired = True
     try:
+        if args.repair:
+            lines, repaired = repair(args.output, args.stale_seconds)
+            for line in lines:
+                print(line, file=sys.stderr)
         report = verify(args.output)
     except VlmHpcError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -151,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
             for item in getattr(report, name)[:20]:
                 print(f"  {name}: {item}")
         print("OK" if report.ok else "NOT OK")
-    return 0 if report.ok else 1
+        if any(s == "corrupt index" for s in report.slices.values()) or any(
+                "missing while" in item for item in report.corrupt):
+            print(f"rebuild the damaged indexes with: {repair_command(OutputLayout(Path(args.output)))}")
+    return 0 if report.ok and repaired else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,221 @@
+"""Reading a slice's committed outputs back: which rows have an intact caption or failure-ledger line, and
+what is damaged where. The resume check (`repair`), `verify` and `verify --repair` all read through here;
+nothing in this module writes.
+
+An append-only file (captions/slice_I.jsonl, failures/slice_I.jsonl) is intact up to its committed offset
+when every line there ends in a newline and is a valid record. Damage is described per line, with its byte
+range, so that a report names exactly what was lost.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlm_hpc.layout import OutputLayout
+
+NUL, NEWLINE = b"\0", b"\n"
+RecordCheck = Callable[[object], "str | None"]
+
+
+def caption_body_problem(body: object) -> str | None:
+    """What is wrong with a caption as `{"web_caption", "vlm_caption"}` (a json file, or a jsonl line's fields)."""
+    if not isinstance(body, dict):
+        return f"a JSON {type(body).__name__}, not an object"
+    if not isinstance(body.get("vlm_caption"), str) or body["vlm_caption"] == "":
+        return "vlm_caption is missing, empty or not a string"
+    if "web_caption" not in body:
+        return "web_caption is missing"
+    if not isinstance(body["web_caption"], (str, type(None))):
+        return "web_caption is not a string"
+    return None
+
+
+def caption_line_problem(record: object) -> str | None:
+    """What is wrong with a captions jsonl record `{"key", "web_caption", "vlm_caption", "row"}`."""
+    problem = caption_body_problem(record)
+    if problem is None and not isinstance(record.get("key"), str):
+        problem = "key is missing or not a string"
+    if problem is None and not _is_row(record.get("row")):
+        problem = "row is missing or not a non-negative integer"
+    return problem
+
+
+def ledger_line_problem(record: object) -> str | None:
+    """What is wrong with a failure-ledger record `{"row", "key", "reason", "detail", "captioned", "time"}`."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    if not _is_row(record.get("row")):
+        return "row is missing or not a non-negative integer"
+    if not isinstance(record.get("reason"), str):
+        return "reason is missing or not a string"
+    if not isinstance(record.get("captioned"), bool):
+        return "captioned is missing or not true/false"
+    if not isinstance(record.get("key"), (str, type(None))):
+        return "key is not a string"
+    return None
+
+
+def _is_row(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parse_record(data: bytes, check: RecordCheck) -> tuple[dict | None, str | None]:
+    """One JSON record from bytes: (record, None) or (None, what is wrong)."""
+    if NUL in data:
+        return None, "NUL bytes"
+    try:
+        record = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return None, f"invalid UTF-8 at byte {exc.start}"
+    except json.JSONDecodeError as exc:
+        return None, f"not JSON ({exc.msg})"
+    problem = check(record)
+    return (None, problem) if problem else (record, None)
+
+
+@dataclass(frozen=True)
+class Line:
+    """An intact record of an append-only file and the bytes it occupies (newline included)."""
+
+    start: int
+    end: int
+    record: dict
+
+
+@dataclass
+class AppendOnlyFile:
+    """The committed region of one append-only file as it is on disk."""
+
+    path: Path
+    committed: int  # the size the index recorded (or the file's size, when no index says)
+    size: int  # the file's size on disk (0 when it is missing)
+    data: bytes  # its first min(size, committed) bytes
+    lines: list[Line] = field(default_factory=list)
+    damage: list[str] = field(default_factory=list)  # what is wrong, one item per damaged line or gap
+
+    @property
+    def damaged(self) -> bool:
+        return bool(self.damage)
+
+
+def damage_hint(path: Path, committed: int, expected_lines: int | None) -> str | None:
+    """Cheap check of a committed region (one read, no parsing but the last line): why it looks damaged, or None."""
+    if committed == 0:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(committed)
+    except FileNotFoundError:
+        return f"missing, {committed} bytes committed"
+    if len(data) < committed:
+        return f"{len(data)} bytes, shorter than the {committed} committed"
+    if not data.endswith(b"\n"):
+        return "the last committed line is torn (no newline at the committed offset)"
+    if NUL in data:
+        return f"NUL bytes at byte {data.index(NUL)}"
+    lines = data.count(NEWLINE)
+    if expected_lines is not None and lines != expected_lines:
+        return f"{lines} lines, {expected_lines} committed"
+    last = data[data.rfind(b"\n", 0, len(data) - 1) + 1: -1]
+    _, problem = parse_record(last, lambda record: None if isinstance(record, dict) else "not an object")
+    return f"the last committed line is damaged: {problem}" if problem else None
+
+
+def scan_append_only(path: Path, committed: int | None, check: RecordCheck) -> AppendOnlyFile:
+    """Every line of the committed region (the whole file when `committed` is None): intact ones, and damage."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read() if committed is None else handle.read(committed)
+            size = max(len(data), handle.seek(0, 2))
+    except FileNotFoundError:
+        data, size = b"", 0
+    scan = AppendOnlyFile(path, len(data) if committed is None else committed, size, data)
+    position, number = 0, 0
+    while position < len(data):
+        number += 1
+        newline = data.find(b"\n", position)
+        end = len(data) if newline < 0 else newline + 1
+        record, problem = parse_record(data[position:end - (newline >= 0)], check)
+        if newline < 0:
+            problem = "torn (no newline)" + (f", {problem}" if problem else "")
+        if problem:
+            scan.damage.append(f"line {number} (bytes {position}-{end}): {problem}")
+        else:
+            scan.lines.append(Line(position, end, record))
+        position = end
+    if scan.size < scan.committed:
+        scan.damage.append(f"{scan.size} bytes on disk, {scan.committed} committed: the end is lost")
+    return scan
+
+
+@dataclass
+class SliceOutputs:
+    """What a slice's committed outputs say, row by row."""
+
+    captions: AppendOnlyFile | None  # the jsonl file (output.format jsonl)
+    ledger: AppendOnlyFile
+    captioned: set[int]  # rows with an intact caption (jsonl line or json file)
+    failed: set[int]  # rows with an intact ledger line and no caption
+    caption_lines: dict[int, Line]  # jsonl: the line kept for each captioned row
+    ledger_lines: dict[int, Line]  # the ledger line kept for each row
+    foreign_lines: list[str]  # intact lines for no row of this slice (a key that is not the row's)
+    repeated_lines: list[str]  # intact lines for a row that already has one
+    damaged_files: list[str]  # json format: caption files that exist but are damaged ("path: what")
+
+
+def read_slice_outputs(layout: OutputLayout, output_format: str, number: int, start: int, keys: list[str | None],
+                       duplicate_rows: dict[str, int], captions_offset: int | None,
+                       failures_offset: int | None) -> SliceOutputs:
+    """Read slice `number` (rows start.. with `keys`) back; offsets None read the whole files (no index)."""
+    stop = start + len(keys)
+    captioned: set[int] = set()
+    caption_lines: dict[int, Line] = {}
+    foreign: list[str] = []
+    repeated: list[str] = []
+    damaged_files: list[str] = []
+    captions = None
+    if output_format == "jsonl":
+        captions = scan_append_only(layout.caption_jsonl(number), captions_offset, caption_line_problem)
+        for line in captions.lines:
+            row, key = line.record["row"], line.record["key"]
+            where = f"{captions.path.name} bytes {line.start}-{line.end}"
+            if not start <= row < stop or keys[row - start] != key:
+                foreign.append(f"{where}: key {key!r} is not row {row} of this slice")
+            elif row in caption_lines:
+                repeated.append(f"{where}: row {row} (key {key!r}) again")
+            else:
+                caption_lines[row] = line
+        captioned = set(caption_lines)
+    else:
+        for offset, key in enumerate(keys):
+            row = start + offset
+            if not key or str(row) in duplicate_rows:  # such rows are failures; another row owns the key
+                continue
+            path = layout.caption_json(key)
+            try:
+                problem = parse_record(path.read_bytes(), caption_body_problem)[1]
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                problem = f"unreadable ({exc.strerror})"
+            if problem:
+                damaged_files.append(f"{path}: {problem}")
+            else:
+                captioned.add(row)
+    ledger = scan_append_only(layout.failures_file(number), failures_offset, ledger_line_problem)
+    ledger_lines: dict[int, Line] = {}
+    for line in ledger.lines:
+        row = line.record["row"]
+        where = f"{ledger.path.name} bytes {line.start}-{line.end}"
+        if not start <= row < stop:
+            foreign.append(f"{where}: row {row} is not in this slice")
+        elif row in ledger_lines:
+            repeated.append(f"{where}: row {row} again")
+        else:
+            ledger_lines[row] = line
+    failed = {row for row, line in ledger_lines.items() if not line.record["captioned"] and row not in captioned}
+    return SliceOutputs(captions, ledger, captioned, failed, caption_lines, ledger_lines, foreign, repeated,
+                       damaged_files)

@@ -1,0 +1,152 @@
+"""Repairing a slice's committed outputs. On resume: an append-only file shorter than committed, torn, or with
+damaged lines keeps only its intact lines, and the rows whose output is gone go back to pending. For
+`verify --repair`: a missing or corrupt index is rebuilt from the outputs that are intact.
+
+A row stays done when its caption or its failure line is intact; the ledger note of a captioned row (such
+as `truncated`) whose line was destroyed cannot be told from rows that had none, and is not restored.
+
+Both survive a crash at any instant: files are cut or rewritten atomically before the index is, and a file
+rewritten but not yet recorded is shorter than the old index's offset, so the next resume finds it again and
+comes to the same rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from vlm_hpc.array_spec import format_indices
+from vlm_hpc.checkpoint import CorruptIndex, SliceIndex, intervals_of
+from vlm_hpc.committed import AppendOnlyFile, Line, SliceOutputs, damage_hint, read_slice_outputs
+from vlm_hpc.durable import truncate_to, write_atomic
+from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.layout import OutputLayout
+
+
+def repair_command(layout: OutputLayout) -> str:
+    return f"python -m vlm_hpc.verify {shlex.quote(str(layout.root))} --repair"
+
+
+def load_index(layout: OutputLayout, number: int, num_slices: int, start: int, stop: int) -> SliceIndex | None:
+    """Slice `number`'s index, None if there is none; CorruptIndex if it is damaged or is another slice's."""
+    path = layout.index_file(number)
+    index = SliceIndex.load(path)
+    if index is not None and (index.slice, index.num_slices, index.start, index.stop) != (number, num_slices,
+                                                                                           start, stop):
+        raise CorruptIndex(path, f"it is slice {index.slice} of {index.num_slices} (rows [{index.start}, "
+                                 f"{index.stop})), not slice {number} of {num_slices} (rows [{start}, {stop}))")
+    return index
+
+
+def resume_index(layout: OutputLayout, number: int, num_slices: int, start: int, stop: int) -> SliceIndex:
+    """The index to resume from, a new one for a slice never started, or one error naming the repair command."""
+    try:
+        index = load_index(layout, number, num_slices, start, stop)
+    except CorruptIndex as exc:
+        raise VlmHpcError(f"{exc}; rebuild it from the slice's outputs with: {repair_command(layout)}") from None
+    if index is not None:
+        return index
+    for output in (layout.caption_jsonl(number), layout.failures_file(number)):
+        if output.exists() and output.stat().st_size > 0:  # a fresh start would cut its committed lines away
+            raise VlmHpcError(f"{layout.index_file(number)} is missing but {output} holds committed lines; "
+                              f"rebuild the index from them with: {repair_command(layout)}")
+    return SliceIndex(slice=number, num_slices=num_slices, start=start, stop=stop)
+
+
+def _rewrite(scan: AppendOnlyFile, kept: list[Line], temp_dir: Path) -> int:
+    """Leave only `kept` in the file: cut it when they are its start, else replace it atomically; new size."""
+    body = b"".join(scan.data[line.start:line.end] for line in kept)
+    if body == scan.data[:len(body)]:
+        if scan.size > len(body):
+            truncate_to(scan.path, len(body))
+    else:
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(scan.path, body, temp_dir=temp_dir)
+    return len(body)
+
+
+def _kept_lines(outputs: SliceOutputs, rows: set[int]) -> tuple[list[Line], list[Line]]:
+    """The caption and ledger lines of `rows`, in file order."""
+    def pick(lines: dict[int, Line]) -> list[Line]:
+        return sorted((line for row, line in lines.items() if row in rows), key=lambda line: line.start)
+    return pick(outputs.caption_lines), pick(outputs.ledger_lines)
+
+
+def repair_on_resume(layout: OutputLayout, output_format: str, index: SliceIndex,
+                     keys: Callable[[], list[str | None]], duplicate_rows: dict[str, int],
+                     log: logging.Logger) -> None:
+    """If an append-only file looks damaged (`damage_hint`), scan the slice's outputs, send rows without an
+    intact output back to pending, keep only intact lines, and save the index with what was repaired."""
+    number = index.slice
+    hints: dict[Path, str] = {}
+    if output_format == "jsonl":
+        hint = damage_hint(layout.caption_jsonl(number), index.captions_offset, index.captions)
+        if hint:
+            hints[layout.caption_jsonl(number)] = hint
+    hint = damage_hint(layout.failures_file(number), index.failures_offset, None)
+    if hint:
+        hints[layout.failures_file(number)] = hint
+    if not hints:
+        return
+    outputs = read_slice_outputs(layout, output_format, number, index.start, keys(), duplicate_rows,
+                                 index.captions_offset, index.failures_offset)
+    done = {row for a, b in index.done for row in range(a, b)}
+    lost = done - outputs.captioned - outputs.failed
+    kept = done - lost
+    caption_lines, ledger_lines = _kept_lines(outputs, kept)
+    scans = [(outputs.captions, caption_lines, "caption line")] if outputs.captions is not None else []
+    scans.append((outputs.ledger, ledger_lines, "ledger line"))
+    damaged = [scan.path for scan, _, _ in scans if scan.damaged] or list(hints)
+    sizes = {}
+    for scan, lines, _ in scans:
+        sizes[scan.path] = _rewrite(scan, lines, layout.temp_dir(number))
+    now = time.time()
+    for scan, lines, what in scans:
+        if scan.path not in hints and sizes[scan.path] == scan.committed:
+            continue
+        pending = sorted(lost) if scan.path in damaged else []
+        relative = str(scan.path.relative_to(layout.root))
+        index.repairs.append({"time": now, "file": relative, "found": hints.get(scan.path, "lines of rows below"),
+                              "damage": scan.damage[:20], "rows_pending": intervals_of(pending),
+                              "size": [scan.committed, sizes[scan.path]]})
+        log.info(f"repaired {relative}: {hints.get(scan.path, 'held lines of rows sent back to pending')}; kept "
+                 f"{len(lines)} intact lines ({scan.committed} -> {sizes[scan.path]} bytes); rows back to pending: "
+                 f"{format_indices(pending) if pending else 'none'}"
+                 + (f" (their {what} is damaged or missing)" if pending else ""))
+    if lost:  # the slice is no longer complete
+        layout.end_marker(number).unlink(missing_ok=True)
+    index.done = intervals_of(kept)
+    index.captions = len(outputs.captioned & kept)
+    index.failures = len(outputs.failed & kept)
+    if outputs.captions is not None:
+        index.captions_offset = sizes[outputs.captions.path]
+    index.failures_offset = sizes[outputs.ledger.path]
+    index.save(layout.index_file(number))
+
+
+def rebuild_index(layout: OutputLayout, output_format: str, number: int, num_slices: int, start: int,
+                  keys: list[str | None], duplicate_rows: dict[str, int], why: str) -> SliceIndex:
+    """A new index for slice `number` from its intact outputs (its files cut to their intact lines first)."""
+    outputs = read_slice_outputs(layout, output_format, number, start, keys, duplicate_rows, None, None)
+    done = outputs.captioned | outputs.failed
+    caption_lines, ledger_lines = _kept_lines(outputs, done)
+    captions_offset = 0
+    if outputs.captions is not None:
+        captions_offset = _rewrite(outputs.captions, caption_lines, layout.temp_dir(number))
+    failures_offset = _rewrite(outputs.ledger, ledger_lines, layout.temp_dir(number))
+    damage = [f"{scan.path.name} {item}" for scan in (outputs.captions, outputs.ledger) if scan is not None
+              for item in scan.damage] + outputs.damaged_files
+    index = SliceIndex(slice=number, num_slices=num_slices, start=start, stop=start + len(keys),
+                       done=intervals_of(done), captions=len(outputs.captioned), failures=len(outputs.failed),
+                       captions_offset=captions_offset, failures_offset=failures_offset, status="stopped",
+                       stop_reason="index rebuilt by verify --repair",
+                       repairs=[{"time": time.time(), "file": str(layout.index_file(number).relative_to(layout.root)),
+                                 "found": why, "damage": damage[:20],
+                                 "rows_done": intervals_of(done)}])
+    if not index.complete:
+        layout.end_marker(number).unlink(missing_ok=True)
+    index.save(layout.index_file(number))
+    return index
