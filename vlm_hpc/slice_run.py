@@ -33,7 +33,7 @@ from vlm_hpc.job_environment import JobEnvironment
 from vlm_hpc.layout import OutputLayout
 from vlm_hpc.lease import SliceLease
 from vlm_hpc.manifest import ensure_manifest
-from vlm_hpc.model import inspect_model_folder
+from vlm_hpc.model import inspect_model_folder, model_fingerprint
 from vlm_hpc.prefetch import PreparedRow, SliceBatches, batch_loader
 from vlm_hpc.resampling import resampler
 from vlm_hpc.stop import BatchAbandoned, StopRequest
@@ -170,19 +170,13 @@ class SliceOutcome:
 def _write_stamp(layout: OutputLayout, index: int, config: RunConfig, engine: CaptionEngine,
                  environment: JobEnvironment) -> None:
     folder = Path(config.model.path)
-    fingerprint = hashlib.sha256()
-    for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
-        if (folder / name).is_file():
-            fingerprint.update((folder / name).read_bytes())
-    for shard in sorted(folder.glob("*.safetensors")):
-        fingerprint.update(f"{shard.name}:{shard.stat().st_size}".encode())
     prompt = engine.prompt(1)
     stamp_path = layout.stamp_file(index)
     attempts = json.loads(stamp_path.read_text()) if stamp_path.exists() else []
     attempts.append({
         "time": time.time(), "environment": environment.to_dict(), "vlm_hpc": __version__,
         "transformers": transformers.__version__, "torch": torch.__version__,
-        "model_fingerprint": fingerprint.hexdigest()[:16], "model_path": str(folder.resolve()),
+        "model_fingerprint": model_fingerprint(folder), "model_path": str(folder.resolve()),
         "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest()[:16], "system_message": engine.system_message,
         "generation": config.to_dict()["generation"], "max_num": config.tiling.max_num,
         "device": str(engine.device), "dtype": str(engine.dtype),
