@@ -11,9 +11,12 @@ so it is never accepted as a change.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
 
 from vlm_hpc.config import RunConfig
-from vlm_hpc.model import ModelFolder
+
+if TYPE_CHECKING:  # the record needs only its fields; verify and status must not import torch
+    from vlm_hpc.model import ModelFolder
 
 _TEXT_SHOWN = 24  # characters of a changed text shown on each side
 

@@ -34,6 +34,7 @@ from vlm_hpc.layout import OutputLayout
 from vlm_hpc.lease import SliceLease
 from vlm_hpc.manifest import ensure_manifest
 from vlm_hpc.model import inspect_model_folder, model_fingerprint
+from vlm_hpc.pins import PinnedSettings, pinned_settings
 from vlm_hpc.prefetch import PreparedRow, SliceBatches, batch_loader
 from vlm_hpc.resampling import resampler
 from vlm_hpc.stop import BatchAbandoned, StopRequest
@@ -168,7 +169,7 @@ class SliceOutcome:
 
 
 def _write_stamp(layout: OutputLayout, index: int, config: RunConfig, engine: CaptionEngine,
-                 environment: JobEnvironment) -> None:
+                 environment: JobEnvironment, accepted_changes: list[str]) -> None:
     folder = Path(config.model.path)
     prompt = engine.prompt(1)
     stamp_path = layout.stamp_file(index)
@@ -179,14 +180,15 @@ def _write_stamp(layout: OutputLayout, index: int, config: RunConfig, engine: Ca
         "model_fingerprint": model_fingerprint(folder), "model_path": str(folder.resolve()),
         "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest()[:16], "system_message": engine.system_message,
         "generation": config.to_dict()["generation"], "max_num": config.tiling.max_num,
-        "device": str(engine.device), "dtype": str(engine.dtype),
+        "device": str(engine.device), "dtype": str(engine.dtype), "accepted_changes": accepted_changes,
     })
     write_json_atomic(stamp_path, attempts)
 
 
-def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowSource, OutputLayout]:
-    """Everything that can be checked without the model: model folder, dataset and columns, output folder."""
-    inspect_model_folder(config.model.path)
+def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowSource, OutputLayout, PinnedSettings]:
+    """Everything that can be checked without the model: model folder, dataset and columns, output folder;
+    returns the rows, the output folder and the settings this run pins."""
+    folder = inspect_model_folder(config.model.path)
     rows = open_rows(config.data)
     slice_bounds(rows.num_rows, index, count)
     layout = OutputLayout(Path(config.output.dir))
@@ -197,17 +199,21 @@ def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowSource, 
         probe.unlink()
     except OSError as exc:
         raise VlmHpcError(f"output: cannot write to {layout.root} ({exc}); set output.dir to a writable folder") from None
-    return rows, layout
+    return rows, layout, pinned_settings(config, folder)
 
 
 def run_slice(config: RunConfig, index: int, count: int,
               engine_factory: Callable[[RunConfig], CaptionEngine] = engine_from_config,
-              stop: StopRequest | None = None) -> SliceOutcome:
-    """Caption slice `index` of `count` to completion or until asked to stop; resumable at any point."""
-    rows, layout = check_inputs(config, index, count)
-    manifest = ensure_manifest(layout, rows, config, count)
+              stop: StopRequest | None = None, accept_changes: bool = False) -> SliceOutcome:
+    """Caption slice `index` of `count` to completion or until asked to stop; resumable at any point.
+    A resume with other pinned settings (vlm_hpc.pins) is refused unless `accept_changes`."""
+    rows, layout, pins = check_inputs(config, index, count)
+    check = ensure_manifest(layout, rows, config, count, pins, slice_index=index, accept_changes=accept_changes)
+    manifest = check.manifest
     start, stop_row = slice_bounds(rows.num_rows, index, count)
     log = _setup_logging(layout, index)
+    for note in check.notes:
+        log.info(f"manifest: {note}")
     environment = JobEnvironment.current()
     lease = SliceLease(layout.lease_file(index), environment, config.worker.stale_lease_seconds)
     recovered = lease.acquire()
@@ -232,7 +238,7 @@ def run_slice(config: RunConfig, index: int, count: int,
         engine = engine_factory(config)
         if not layout.query_file.exists():
             write_atomic(layout.query_file, config.prompt.question.encode())
-        _write_stamp(layout, index, config, engine, environment)
+        _write_stamp(layout, index, config, engine, environment, check.accepted)
         limits = batch_limits(config, engine)
         if limits.max_tiles is not None:
             log.info(f"batches: up to {limits.max_tiles} tiles and {limits.max_images} images, "
