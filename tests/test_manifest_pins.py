@@ -13,7 +13,8 @@ import pytest
 
 from builders import make_dataset, png, start_worker, write_config
 from vlm_hpc.config import load_config
-from vlm_hpc.dataset import open_rows
+from vlm_hpc.config import DataSection
+from vlm_hpc.dataset import open_rows, slice_fingerprint
 from vlm_hpc.engine import CaptionEngine
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.layout import OutputLayout
@@ -179,7 +180,8 @@ SLICE_START = """
 import json, sys
 from pathlib import Path
 from vlm_hpc.config import load_config
-from vlm_hpc.dataset import open_rows
+from vlm_hpc.config import DataSection
+from vlm_hpc.dataset import open_rows, slice_fingerprint
 from vlm_hpc.layout import OutputLayout
 from vlm_hpc.manifest import ensure_manifest
 from vlm_hpc.pins import PinnedSettings
@@ -208,3 +210,24 @@ def test_slices_updating_the_manifest_at_once_keep_each_others_records(resumed: 
     record = manifest(output)
     assert record["slice_fingerprints"] == scan_dataset(rows, 8)[1]
     assert [change["differences"] for change in record["accepted_changes"]] == [["tiling.max_num: 6 then, 5 now"]]
+
+
+def test_row_fingerprints_see_a_changed_middle_image_in_arrow_image_feature_and_parquet(tmp_path: Path) -> None:
+    import datasets
+    fingerprints = {}
+    for name, rows in (("same", dataset_rows()), ("changed", dataset_rows(10, "image"))):
+        source = datasets.Dataset.from_list([{"new_key": k, "png": b, "caption": c} for k, b, c in rows])
+        source.to_parquet(str(tmp_path / f"{name}.parquet"), batch_size=4)  # row groups of 4 rows
+        source.map(lambda row: {"image": {"bytes": row["png"], "path": None}}, remove_columns=["png"]).cast_column(
+            "image", datasets.Image()).save_to_disk(str(tmp_path / f"{name}_feature"))
+        make_dataset(tmp_path / name, rows)
+        for kind, section in (("arrow", DataSection(path=str(tmp_path / name))),
+                              ("feature", DataSection(path=str(tmp_path / f"{name}_feature"), image_column="image")),
+                              ("parquet", DataSection(path=str(tmp_path / f"{name}.parquet")))):
+            source_rows = open_rows(section)
+            # Parquet sees row 10 through its row group [8, 12): rows 0..7 are a range it leaves unchanged.
+            fingerprints[name, kind] = [slice_fingerprint(source_rows, a, b) for a, b in ((0, 8), (8, 20))]
+    for kind in ("arrow", "feature", "parquet"):
+        assert fingerprints["same", kind][0] == fingerprints["changed", kind][0], kind
+        assert fingerprints["same", kind][1] != fingerprints["changed", kind][1], kind
+    assert fingerprints["same", "arrow"] == fingerprints["same", "feature"]  # the same keys and image lengths

@@ -6,6 +6,7 @@ column holds raw bytes or a `datasets` Image feature; keys and web captions are 
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from collections.abc import Callable
@@ -168,8 +169,10 @@ def open_rows(config: DataSection) -> RowSource:
             # Per-row lengths are not in Parquet's metadata and reading them means reading the images: each
             # overlapping row group's image-column chunk size (uncompressed: independent of the codec) stands in.
             described = []
-            for group in range(parquet.num_row_groups):
-                if offsets[group] < stop and offsets[group + 1] > start:
+            for group in range(bisect.bisect_right(offsets, start) - 1, parquet.num_row_groups):
+                if offsets[group] >= stop:
+                    break
+                if offsets[group + 1] > start:
                     meta = parquet.metadata.row_group(group)
                     size = sum(meta.column(c).total_uncompressed_size for c in range(meta.num_columns)
                                if meta.column(c).path_in_schema.split(".")[0] == config.image_column)
