@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -194,7 +195,7 @@ def _byte_lengths(column: pa.ChunkedArray, config: DataSection) -> np.ndarray:
     return pc.binary_length(column).fill_null(-1).to_numpy().astype(np.int64, copy=False)
 
 
-def _update_with_text(lengths: "hashlib._Hash", content: "hashlib._Hash", column: pa.ChunkedArray) -> None:
+def _update_with_text(lengths: Any, content: Any, column: pa.ChunkedArray) -> None:
     """Feed each value's byte length (-1: null) to `lengths` and its bytes to `content`, straight from the
     Arrow buffers (a memory-mapped dataset is not copied into Python objects)."""
     if not any(check(column.type) for check in (pa.types.is_string, pa.types.is_large_string,
