@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from builders import make_dataset, png, start_worker, write_config
-from vlm_hpc.config import load_config
-from vlm_hpc.config import DataSection
+
+from vlm_hpc.config import DataSection, load_config
 from vlm_hpc.dataset import open_rows, slice_fingerprint
 from vlm_hpc.engine import CaptionEngine
 from vlm_hpc.errors import VlmHpcError

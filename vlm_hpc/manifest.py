@@ -19,7 +19,12 @@ from filelock import FileLock, Timeout
 
 from vlm_hpc.checkpoint import SliceIndex
 from vlm_hpc.config import RunConfig
-from vlm_hpc.dataset import RowSource, dataset_fingerprint, slice_bounds, slice_fingerprint
+from vlm_hpc.dataset import (
+    RowSource,
+    dataset_fingerprint,
+    slice_bounds,
+    slice_fingerprint,
+)
 from vlm_hpc.durable import fsync_dir, write_atomic
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.layout import OutputLayout
