@@ -77,8 +77,8 @@ def resume_startup(work: Path, model: Path, data: Path, rows: int, batch_size: i
     config = load_config(None, [f"model.path={model}", f"data.path={data}", f"output.dir={output}",
                                 f"generation.batch_size={batch_size}", "worker.loader_workers=0"])
     layout = OutputLayout(output)
-    rows_source = worker.open_rows(config.data)
-    ensure_manifest(layout, rows_source, config, 1)  # made once by the first start; not part of a resume
+    rows_source, layout, pins = worker.check_inputs(config, 0, 1)
+    ensure_manifest(layout, rows_source, config, 1, pins)  # made once by the first start; not part of a resume
     layout.state_dir.mkdir(parents=True, exist_ok=True)
     SliceIndex(slice=0, num_slices=1, start=0, stop=rows, done=[[0, rows - batch_size]],
                captions=rows - batch_size, status="stopped").save(layout.index_file(0))

@@ -12,7 +12,8 @@
     OUTPUT/tmp/slice_{I}/          files being written (renamed into place when complete; cleared on resume)
     OUTPUT/stamps/slice_{I}.json   reproducibility stamp of each attempt
     OUTPUT/logs/slice_{I}.log      the worker's log (appended across requeues)
-    OUTPUT/manifest.json           dataset fingerprint and slicing, fixed at the first run
+    OUTPUT/manifest.json           dataset and slice fingerprints, slicing, pinned settings, fixed at the first run
+    OUTPUT/manifest.lock           held while a start updates the manifest
 
 Keys are untrusted. A key that is a plain safe file name is used as is; any other key is percent-encoded
 behind a leading "%" (so the encoding is reversible and cannot collide with a plain key), and encoded names
@@ -124,3 +125,7 @@ class OutputLayout:
     @property
     def manifest_file(self) -> Path:
         return self.root / "manifest.json"
+
+    @property
+    def manifest_lock(self) -> Path:
+        return self.root / "manifest.lock"

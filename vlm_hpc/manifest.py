@@ -1,8 +1,11 @@
-"""OUTPUT/manifest.json: what a run is over (dataset fingerprint, row count, slicing), fixed by its first start.
+"""OUTPUT/manifest.json: what a run is over and how it captions, fixed by its first start.
 
 Every later worker or submission to the same output folder must agree with it, so that slice i always means
-the same rows. It also lists rows whose key repeats an earlier row's key: those are recorded as failures
-(`duplicate_key`) instead of silently overwriting the earlier caption.
+the same rows and every caption of the run was made the same way. It holds the dataset's cheap global
+fingerprint, a content fingerprint per slice (checked by that slice's worker only: cost in proportion to the
+slice), the pinned settings (`vlm_hpc.pins`), the changes accepted with --accept-changes, and the rows whose
+key repeats an earlier row's key: those are recorded as failures (`duplicate_key`) instead of silently
+overwriting the earlier caption.
 """
 
 from __future__ import annotations
@@ -14,13 +17,22 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
+from vlm_hpc.checkpoint import SliceIndex
 from vlm_hpc.config import DataSection, RunConfig
-from vlm_hpc.dataset import RowSource, dataset_fingerprint
-from vlm_hpc.durable import fsync_dir
+from vlm_hpc.dataset import (
+    RowSource,
+    dataset_fingerprint,
+    slice_bounds,
+    slice_fingerprint,
+)
+from vlm_hpc.durable import fsync_dir, write_atomic
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.layout import OutputLayout
+from vlm_hpc.pins import PinnedSettings, compare_pins
 
-_KEY_SCAN_CHUNK = 200_000
+_LOCK_SECONDS = 300.0
 
 
 @dataclass
@@ -33,11 +45,45 @@ class RunManifest:
     data: dict = field(default_factory=dict)  # the data section: path and column names
     created_at: float = field(default_factory=time.time)
     duplicate_rows: dict[str, int] = field(default_factory=dict)  # row -> first row with that key
+    # Absent from manifests written before they existed: filled in by the next start (see ensure_manifest).
+    slice_fingerprints: dict[str, str] = field(default_factory=dict)  # slice -> slice_fingerprint of its rows
+    pinned: dict = field(default_factory=dict)  # PinnedSettings.to_dict()
+    accepted_changes: list[dict] = field(default_factory=list)  # {time, slice, differences, finished_rows}
+
+
+@dataclass(frozen=True)
+class ManifestCheck:
+    """The manifest this start agreed with, and what it changed in it."""
+
+    manifest: RunManifest
+    accepted: list[str]  # differences accepted by this start (--accept-changes)
+    notes: list[str]  # lines for the log: what was recorded now for lack of an earlier record
+
+
+def scan_dataset(rows: RowSource, num_slices: int) -> tuple[dict[str, int], dict[str, str]]:
+    """One pass over the keys: rows repeating an earlier key (rows without a key are the worker's), and each
+    slice's content fingerprint."""
+    first_row: dict[str, int] = {}
+    duplicates: dict[str, int] = {}
+
+    def keys_seen(start: int, keys: list[str | None]) -> None:
+        for offset, key in enumerate(keys):
+            if key is None or key == "":
+                continue
+            if key in first_row:
+                duplicates[str(start + offset)] = first_row[key]
+            else:
+                first_row[key] = start + offset
+
+    fingerprints = {str(index): slice_fingerprint(rows, *slice_bounds(rows.num_rows, index, num_slices), keys_seen)
+                    for index in range(num_slices)}
+    return duplicates, fingerprints
 
 
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "dataset_fingerprint": str, "data_path": str, "num_rows": int, "num_slices": int, "output_format": str,
-    "data": dict, "created_at": (int, float), "duplicate_rows": dict,
+    "data": dict, "created_at": (int, float), "duplicate_rows": dict, "slice_fingerprints": dict, "pinned": dict,
+    "accepted_changes": list,
 }
 
 
@@ -72,52 +118,125 @@ def load_manifest(path: Path) -> RunManifest:
     return RunManifest(**raw)
 
 
-def find_duplicate_keys(rows: RowSource) -> dict[str, int]:
-    """One pass over the key column: rows repeating an earlier key (rows without a key are the worker's)."""
-    first_row: dict[str, int] = {}
-    duplicates: dict[str, int] = {}
-    for start in range(0, rows.num_rows, _KEY_SCAN_CHUNK):
-        for offset, key in enumerate(rows.keys(start, start + _KEY_SCAN_CHUNK)):
-            row = start + offset
-            if key is None or key == "":
-                continue
-            if key in first_row:
-                duplicates[str(row)] = first_row[key]
-            else:
-                first_row[key] = row
-    return duplicates
+def _load(layout: OutputLayout) -> RunManifest:
+    return load_manifest(layout.manifest_file)
 
 
-def ensure_manifest(layout: OutputLayout, rows: RowSource, config: RunConfig, num_slices: int) -> RunManifest:
-    """Create the manifest on first use, else check that this run agrees with it."""
-    fingerprint = dataset_fingerprint(rows, config.data)
-    path = layout.manifest_file
-    if path.exists():
-        existing = load_manifest(path)
-        problems = []
-        if existing.dataset_fingerprint != fingerprint or existing.num_rows != rows.num_rows:
-            problems.append(f"the dataset differs ({existing.data_path}, {existing.num_rows} rows then; "
-                            f"{config.data.path}, {rows.num_rows} rows now)")
-        if existing.num_slices != num_slices:
-            problems.append(f"it was cut into {existing.num_slices} slices, not {num_slices}")
-        if existing.output_format != config.output.format:
-            problems.append(f"its output.format is {existing.output_format}, not {config.output.format}")
-        if not problems:
-            return existing
+def _check_same_run(layout: OutputLayout, existing: RunManifest, rows: RowSource, config: RunConfig,
+                    num_slices: int) -> None:
+    """Refuse a folder whose rows, slicing or layout are another run's: no flag can make those agree."""
+    problems = []
+    if existing.dataset_fingerprint != dataset_fingerprint(rows, config.data) or existing.num_rows != rows.num_rows:
+        problems.append(f"the dataset differs ({existing.data_path}, {existing.num_rows} rows then; "
+                        f"{config.data.path}, {rows.num_rows} rows now)")
+    if existing.num_slices != num_slices:
+        problems.append(f"it was cut into {existing.num_slices} slices, not {num_slices}")
+    if existing.output_format != config.output.format:
+        problems.append(f"its output.format is {existing.output_format}, not {config.output.format}")
+    if problems:
         raise VlmHpcError(f"{layout.root} belongs to another run: {'; '.join(problems)}; use a new output.dir, "
                           f"or pass --force to start over in this one")
-    duplicates = find_duplicate_keys(rows)
-    manifest = RunManifest(dataset_fingerprint=fingerprint, data_path=config.data.path, num_rows=rows.num_rows,
-                           num_slices=num_slices, output_format=config.output.format,
-                           data=asdict(config.data), duplicate_rows=duplicates)
+
+
+def _check_slice_rows(layout: OutputLayout, existing: RunManifest, index: int, fingerprint: str,
+                      bounds: tuple[int, int]) -> None:
+    recorded = existing.slice_fingerprints.get(str(index))
+    if recorded is not None and recorded != fingerprint:
+        raise VlmHpcError(f"{layout.root}: the rows of slice {index} [{bounds[0]}, {bounds[1]}) changed since the "
+                          f"run began (a key or an image's byte length differs; fingerprint {recorded} then, "
+                          f"{fingerprint} now); restore the dataset, or use a new output.dir")
+
+
+def _refuse_changes(layout: OutputLayout, changed: list[str]) -> VlmHpcError:
+    return VlmHpcError(f"{layout.root} was captioned with other settings: {'; '.join(changed)}; use a new "
+                       f"output.dir, or rerun with --accept-changes to go on with the new settings from here "
+                       f"(the boundary is recorded in {layout.manifest_file.name})")
+
+
+def _finished_rows(layout: OutputLayout, num_slices: int) -> dict[str, int]:
+    """Rows finished by each slice that has started, as its index says now."""
+    finished = {}
+    for index in range(num_slices):
+        state = SliceIndex.load(layout.index_file(index))
+        if state is not None:
+            finished[str(index)] = state.finished_rows
+    return finished
+
+
+def _update(layout: OutputLayout, rows: RowSource, config: RunConfig, num_slices: int, pins: PinnedSettings,
+            slice_index: int | None, fingerprint: str | None, accept_changes: bool) -> ManifestCheck:
+    """Record what is missing and what was accepted, re-reading the manifest under its lock so that slices
+    updating it at once keep each other's records."""
+    try:
+        with FileLock(str(layout.manifest_lock), timeout=_LOCK_SECONDS):
+            existing = _load(layout)
+            _check_same_run(layout, existing, rows, config, num_slices)
+            comparison = compare_pins(existing.pinned, pins)
+            if comparison.changed and not accept_changes:
+                raise _refuse_changes(layout, comparison.changed)
+            notes = []
+            if comparison.not_pinned:
+                notes.append(f"{layout.manifest_file.name} did not pin {', '.join(comparison.not_pinned)} "
+                             "(written before they were pinned): pinned now as this start's settings")
+            if fingerprint is not None and str(slice_index) not in existing.slice_fingerprints:
+                existing.slice_fingerprints[str(slice_index)] = fingerprint
+                notes.append(f"{layout.manifest_file.name} had no content fingerprint of slice {slice_index}: "
+                             "recorded it now")
+            if comparison.changed:
+                existing.accepted_changes.append({
+                    "time": time.time(), "slice": slice_index, "differences": comparison.changed,
+                    "finished_rows": _finished_rows(layout, num_slices)})
+                notes.append(f"accepted changed settings (--accept-changes): {'; '.join(comparison.changed)}")
+            existing.pinned = pins.to_dict()
+            write_atomic(layout.manifest_file, json.dumps(asdict(existing), indent=1).encode())
+            return ManifestCheck(existing, comparison.changed, notes)
+    except Timeout:
+        raise VlmHpcError(f"{layout.manifest_lock} has been locked for {_LOCK_SECONDS:.0f} s; if no vlm_hpc "
+                          f"process is updating the manifest, delete it: rm {layout.manifest_lock}") from None
+
+
+def _create(layout: OutputLayout, rows: RowSource, config: RunConfig, num_slices: int,
+            pins: PinnedSettings) -> RunManifest | None:
+    """Write the manifest if there is none; None when another start wrote it first."""
+    duplicates, fingerprints = scan_dataset(rows, num_slices)
+    manifest = RunManifest(dataset_fingerprint=dataset_fingerprint(rows, config.data), data_path=config.data.path,
+                           num_rows=rows.num_rows, num_slices=num_slices, output_format=config.output.format,
+                           data=asdict(config.data), duplicate_rows=duplicates, slice_fingerprints=fingerprints,
+                           pinned=pins.to_dict())
     layout.root.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".manifest.{os.getpid()}.tmp")
+    temporary = layout.manifest_file.with_name(f".manifest.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(asdict(manifest), indent=1))
     try:
-        os.link(temporary, path)  # atomic create-if-absent, also on NFS: the first writer wins
+        os.link(temporary, layout.manifest_file)  # atomic create-if-absent, also on NFS: the first writer wins
     except FileExistsError:
+        return None
+    finally:
         temporary.unlink()
-        return ensure_manifest(layout, rows, config, num_slices)
-    temporary.unlink()
     fsync_dir(layout.root)
     return manifest
+
+
+def ensure_manifest(layout: OutputLayout, rows: RowSource, config: RunConfig, num_slices: int,
+                    pins: PinnedSettings, slice_index: int | None = None,
+                    accept_changes: bool = False) -> ManifestCheck:
+    """Create the manifest on first use, else check that this start agrees with it: the same run (dataset,
+    slicing, output format: always refused otherwise), the same rows in `slice_index` (a worker; a submission
+    passes None), the same pinned settings (refused otherwise unless `accept_changes`)."""
+    if not layout.manifest_file.exists():
+        created = _create(layout, rows, config, num_slices, pins)
+        if created is not None:
+            return ManifestCheck(created, [], [])
+    existing = _load(layout)
+    _check_same_run(layout, existing, rows, config, num_slices)
+    fingerprint = None
+    if slice_index is not None:
+        bounds = slice_bounds(rows.num_rows, slice_index, num_slices)
+        fingerprint = slice_fingerprint(rows, *bounds)
+        _check_slice_rows(layout, existing, slice_index, fingerprint, bounds)
+    comparison = compare_pins(existing.pinned, pins)
+    if comparison.changed and not accept_changes:
+        raise _refuse_changes(layout, comparison.changed)
+    if comparison.changed or comparison.not_pinned or (
+            fingerprint is not None and str(slice_index) not in existing.slice_fingerprints):
+        return _update(layout, rows, config, num_slices, pins, slice_index, fingerprint, accept_changes)
+    return ManifestCheck(existing, [], [])

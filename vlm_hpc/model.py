@@ -7,6 +7,7 @@ executed: configs are JSON, weights are safetensors, and `trust_remote_code` is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.prompt import DEFAULT_SYSTEM_MESSAGE, IMG_CONTEXT
-from vlm_hpc.tokenizer import load_tokenizer
+from vlm_hpc.tokenizer import TOKENIZER_FILES, load_tokenizer
 from vlm_hpc.weight_mapping import SplitShapes, check_supported, map_tensor, native_config
 
 # Written beside a native copy: what the original config said that the native config cannot hold.
@@ -35,6 +36,8 @@ class ModelFolder:
     system_message: str  # config.json's system_message if present, else the template's default
     weight_files: tuple[Path, ...]
     original_config: dict | None  # the original config.json (None for a native copy)
+    fingerprint: str  # model_fingerprint(path)
+    tokenizer_fingerprint: str  # tokenizer_fingerprint(path)
 
     @property
     def num_image_token(self) -> int:
@@ -71,6 +74,33 @@ def _weight_files(folder: Path) -> tuple[Path, ...]:
     return files
 
 
+# What the tokenizer reads besides TOKENIZER_FILES (optional there).
+_TOKENIZER_EXTRA_FILES = ("special_tokens_map.json",)
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """The model's identity by content, cheap (no weights read): config.json, tokenizer.model and
+    tokenizer_config.json bytes, the safetensors shards' names and sizes (the stamps' model_fingerprint)."""
+    folder = Path(path)
+    digest = hashlib.sha256()
+    for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            digest.update((folder / name).read_bytes())
+    for shard in sorted(folder.glob("*.safetensors")):
+        digest.update(f"{shard.name}:{shard.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(path: str | Path) -> str:
+    """The bytes of every file the tokenizer is built from."""
+    folder = Path(path)
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES + _TOKENIZER_EXTRA_FILES:
+        if (folder / name).is_file():
+            digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def inspect_model_folder(path: str | Path) -> ModelFolder:
     """Read and validate a model folder's config and tokenizer without loading any weights."""
     folder = Path(path)
@@ -84,14 +114,16 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
         check_supported(raw, str(folder / "config.json"))
         config = native_config(raw, image_token_id)
         system_message = raw.get("system_message") or DEFAULT_SYSTEM_MESSAGE
-        return ModelFolder(folder, "original", config, system_message, _weight_files(folder), raw)
+        return ModelFolder(folder, "original", config, system_message, _weight_files(folder), raw,
+                           model_fingerprint(folder), tokenizer_fingerprint(folder))
     if model_type == "internvl":
         metadata = _read_json(folder / NATIVE_METADATA_FILE)
         config = InternVLConfig.from_dict(raw)
         if config.tie_word_embeddings or config.image_token_id != image_token_id:
             raise VlmHpcError(f"model: {folder} is a native InternVL folder not written by vlm_hpc.convert "
                               "(tied lm_head or another image token); convert the original folder instead")
-        return ModelFolder(folder, "native", config, metadata["system_message"], _weight_files(folder), None)
+        return ModelFolder(folder, "native", config, metadata["system_message"], _weight_files(folder), None,
+                           model_fingerprint(folder), tokenizer_fingerprint(folder))
     raise VlmHpcError(f"model: {folder}/config.json has model_type {model_type!r}; expected 'internvl_chat' "
                       "(the original InternVL-Chat-V1-5 download) or 'internvl' (a vlm_hpc.convert copy)")
 

@@ -34,7 +34,8 @@ from vlm_hpc.job_environment import JobEnvironment
 from vlm_hpc.layout import OutputLayout
 from vlm_hpc.lease import LeaseLost, SliceLease
 from vlm_hpc.manifest import ensure_manifest
-from vlm_hpc.model import inspect_model_folder
+from vlm_hpc.model import inspect_model_folder, model_fingerprint
+from vlm_hpc.pins import PinnedSettings, pinned_settings
 from vlm_hpc.prefetch import PreparedRow, SliceBatches, batch_loader
 from vlm_hpc.repair import repair_on_resume, resume_index
 from vlm_hpc.resampling import resampler
@@ -179,31 +180,34 @@ class SliceOutcome:
     index: SliceIndex
 
 
-def _write_stamp(writer: SliceWriter, config: RunConfig, engine: CaptionEngine, environment: JobEnvironment) -> None:
+def _write_stamp(writer: SliceWriter, config: RunConfig, engine: CaptionEngine, environment: JobEnvironment,
+                 accepted_changes: list[str], log: logging.Logger) -> None:
     folder = Path(config.model.path)
-    fingerprint = hashlib.sha256()
-    for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
-        if (folder / name).is_file():
-            fingerprint.update((folder / name).read_bytes())
-    for shard in sorted(folder.glob("*.safetensors")):
-        fingerprint.update(f"{shard.name}:{shard.stat().st_size}".encode())
     prompt = engine.prompt(1)
     stamp_path = writer.layout.stamp_file(writer.slice)
-    attempts = json.loads(stamp_path.read_text()) if stamp_path.exists() else []
+    try:
+        attempts = json.loads(stamp_path.read_bytes()) if stamp_path.exists() else []
+    except ValueError:  # not JSON, or not UTF-8: the stamps are a record, not state; start a new one
+        attempts = None
+    if not isinstance(attempts, list):
+        log.info(f"{stamp_path} is damaged; it is kept as {stamp_path.name}.damaged and a new one is started")
+        stamp_path.replace(stamp_path.with_name(stamp_path.name + ".damaged"))
+        attempts = []
     attempts.append({
         "time": time.time(), "environment": environment.to_dict(), "vlm_hpc": __version__,
         "transformers": transformers.__version__, "torch": torch.__version__,
-        "model_fingerprint": fingerprint.hexdigest()[:16], "model_path": str(folder.resolve()),
+        "model_fingerprint": model_fingerprint(folder), "model_path": str(folder.resolve()),
         "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest()[:16], "system_message": engine.system_message,
         "generation": config.to_dict()["generation"], "max_num": config.tiling.max_num,
-        "device": str(engine.device), "dtype": str(engine.dtype),
+        "device": str(engine.device), "dtype": str(engine.dtype), "accepted_changes": accepted_changes,
     })
     writer.write_fenced(stamp_path, json.dumps(attempts, ensure_ascii=False, indent=1).encode())
 
 
-def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowSource, OutputLayout]:
-    """Everything that can be checked without the model: model folder, dataset and columns, output folder."""
-    inspect_model_folder(config.model.path)
+def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowSource, OutputLayout, PinnedSettings]:
+    """Everything that can be checked without the model: model folder, dataset and columns, output folder;
+    returns the rows, the output folder and the settings this run pins."""
+    folder = inspect_model_folder(config.model.path)
     rows = open_rows(config.data)
     slice_bounds(rows.num_rows, index, count)
     layout = OutputLayout(Path(config.output.dir))
@@ -214,26 +218,30 @@ def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowSource, 
         probe.unlink()
     except OSError as exc:
         raise VlmHpcError(f"output: cannot write to {layout.root} ({exc}); set output.dir to a writable folder") from None
-    return rows, layout
+    return rows, layout, pinned_settings(config, folder)
 
 
 def run_slice(config: RunConfig, index: int, count: int,
               engine_factory: Callable[[RunConfig], CaptionEngine] = engine_from_config,
-              stop: StopRequest | None = None) -> SliceOutcome:
+              stop: StopRequest | None = None, accept_changes: bool = False) -> SliceOutcome:
     """Caption slice `index` of `count` to completion or until asked to stop; resumable at any point.
-    An I/O error on the output folder is raised as one VlmHpcError line, recorded as the slice's crash."""
+    A resume with other pinned settings (vlm_hpc.pins) is refused unless `accept_changes`. An I/O error on the
+    output folder is raised as one VlmHpcError line, recorded as the slice's crash."""
     try:
-        return _run_slice(config, index, count, engine_factory, stop)
+        return _run_slice(config, index, count, engine_factory, stop, accept_changes)
     except OSError as exc:
         raise VlmHpcError(io_error_line(exc, Path(config.output.dir))) from None
 
 
 def _run_slice(config: RunConfig, index: int, count: int, engine_factory: Callable[[RunConfig], CaptionEngine],
-               stop: StopRequest | None) -> SliceOutcome:
-    rows, layout = check_inputs(config, index, count)
-    manifest = ensure_manifest(layout, rows, config, count)
+               stop: StopRequest | None, accept_changes: bool) -> SliceOutcome:
+    rows, layout, pins = check_inputs(config, index, count)
+    check = ensure_manifest(layout, rows, config, count, pins, slice_index=index, accept_changes=accept_changes)
+    manifest = check.manifest
     start, stop_row = slice_bounds(rows.num_rows, index, count)
     log = _setup_logging(layout, index)
+    for note in check.notes:
+        log.info(f"manifest: {note}")
     environment = JobEnvironment.current()
     lease = SliceLease(layout.lease_file(index), environment, config.worker.stale_lease_seconds,
                        heartbeat_seconds=config.worker.heartbeat_seconds,
@@ -269,7 +277,7 @@ def _run_slice(config: RunConfig, index: int, count: int, engine_factory: Callab
             return _finish(writer, state, "requeued" if stop.requeue else "stopped", stop.reason, log)
         if not layout.query_file.exists():
             write_atomic(layout.query_file, config.prompt.question.encode())
-        _write_stamp(writer, config, engine, environment)
+        _write_stamp(writer, config, engine, environment, check.accepted, log)
         limits = batch_limits(config, engine)
         if limits.max_tiles is not None:
             log.info(f"batches: up to {limits.max_tiles} tiles and {limits.max_images} images, "

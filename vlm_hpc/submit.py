@@ -42,9 +42,10 @@ class SliceJob(submitit.helpers.Checkpointable):
     by the slice index, so resubmitting the same call is the whole checkpoint).
     """
 
-    def __init__(self, config: RunConfig, num_slices: int) -> None:
+    def __init__(self, config: RunConfig, num_slices: int, accept_changes: bool = False) -> None:
         self.config = config
         self.num_slices = num_slices
+        self.accept_changes = accept_changes
 
     def __call__(self, slice_index: int) -> dict:
         layout = OutputLayout(Path(self.config.output.dir))
@@ -53,7 +54,8 @@ class SliceJob(submitit.helpers.Checkpointable):
         # run_slice restores submitit's handlers when it returns, so its USR2 requeue below still works.
         stop.install()
         try:
-            outcome = run_slice(self.config, slice_index, self.num_slices, stop=stop)
+            outcome = run_slice(self.config, slice_index, self.num_slices, stop=stop,
+                                accept_changes=self.accept_changes)
         finally:
             stop.uninstall()
         summary = {"slice": slice_index, "status": outcome.status, "reason": outcome.reason,
@@ -142,8 +144,10 @@ def _set_aside_previous_run(layout: OutputLayout) -> None:
             path.rename(layout.root / f"{name}.previous-{suffix}")
 
 
-def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: str, force: bool = False) -> list:
-    """Validate, then submit the incomplete slices of `spec`; returns the submitit jobs."""
+def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: str, force: bool = False,
+           accept_changes: bool = False) -> list:
+    """Validate, then submit the incomplete slices of `spec`; returns the submitit jobs. `accept_changes`
+    accepts settings that differ from those pinned in the manifest (here and in every array task)."""
     layout = OutputLayout(Path(config.output.dir))
     manifest_path = layout.manifest_file
     previous = json.loads(manifest_path.read_text())["num_slices"] if manifest_path.exists() else None
@@ -151,13 +155,14 @@ def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: 
     if spec.indices[-1] >= count:
         raise VlmHpcError(f"--array {spec} names slice {spec.indices[-1]}, but the run has {count} slices "
                           f"(0..{count - 1}); pass --num-slices or a smaller --array")
-    rows, layout = check_inputs(config, spec.indices[0], count)
+    rows, layout, pins = check_inputs(config, spec.indices[0], count)
     if force and previous is not None:
         try:
-            ensure_manifest(layout, rows, config, count)
+            ensure_manifest(layout, rows, config, count, pins, accept_changes=accept_changes)
         except VlmHpcError:
             _set_aside_previous_run(layout)
-    ensure_manifest(layout, rows, config, count)
+    for note in ensure_manifest(layout, rows, config, count, pins, accept_changes=accept_changes).notes:
+        print(f"manifest: {note}")
     todo, skipped = _pending_slices(layout, spec, config.worker.stale_lease_seconds)
     for line in skipped:
         print(f"skip {line}")
@@ -165,7 +170,7 @@ def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: 
         print(f"nothing to submit: every slice of --array {spec} is complete or running in {layout.root}")
         return []
     folder = layout.logs_dir / "submitit"
-    job = SliceJob(config, count)
+    job = SliceJob(config, count, accept_changes)
     jobs: list = []
     if cluster == "slurm":
         for offset, tasks in split_for_max_array_size(tuple(todo), max_array_size()):
@@ -204,13 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
                         help="default: slurm when sbatch is on PATH, else local")
     parser.add_argument("--force", action="store_true", help="reuse an output folder of another run")
+    parser.add_argument("--accept-changes", action="store_true",
+                        help="go on although settings pinned in OUTPUT/manifest.json changed (recorded there)")
     parser.add_argument("--wait", action="store_true", help="wait for the jobs and report")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     cluster = args.cluster or ("slurm" if shutil.which("sbatch") else "local")
     try:
         config = load_config(args.config, args.overrides)
-        jobs = submit(config, parse_array(args.array), args.num_slices, cluster, args.force)
+        jobs = submit(config, parse_array(args.array), args.num_slices, cluster, args.force, args.accept_changes)
     except VlmHpcError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     parser.add_argument("--slice", type=int, required=True)
     parser.add_argument("--num-slices", type=int, required=True)
+    parser.add_argument("--accept-changes", action="store_true",
+                        help="go on although settings pinned in OUTPUT/manifest.json changed (recorded there)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. generation.batch_size=8")
     args = parser.parse_args(argv)
     from vlm_hpc.config import load_config
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config(args.config, args.overrides)
-        outcome = run_slice(config, args.slice, args.num_slices)
+        outcome = run_slice(config, args.slice, args.num_slices, accept_changes=args.accept_changes)
     except VlmHpcError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
