@@ -155,7 +155,7 @@ def test_lost_or_garbage_index_is_refused_then_rebuilt_by_verify_repair(
     message = str(refused.value)
     assert str(output / INDEX) in message and f"python -m vlm_hpc.verify {output} --repair" in message
     assert "\n" not in message
-    assert not (output / "state" / "slice_00000.lease").exists()  # the refusal released the lease
+    assert json.loads((output / "state" / "slice_00000.lease").read_text())["released"]  # the refusal released it
     checked = subprocess.run([sys.executable, "-m", "vlm_hpc.verify", str(output)], capture_output=True, text=True)
     assert checked.returncode != 0 and str(INDEX) in checked.stdout and "Traceback" not in checked.stderr
     before = len(computed_rows(output))

@@ -17,12 +17,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vlm_hpc.array_spec import format_indices
-from vlm_hpc.checkpoint import SliceIndex
+from vlm_hpc.checkpoint import CorruptIndex, SliceIndex
 from vlm_hpc.dataset import slice_bounds
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.layout import OutputLayout
 from vlm_hpc.lease import read_lease
 from vlm_hpc.manifest import load_manifest
+from vlm_hpc.repair import repair_command
 
 STALLED_AFTER_S = 300  # a running slice whose lease heartbeat is older than this is flagged
 
@@ -62,10 +63,13 @@ def _latest_jobs(layout: OutputLayout) -> dict[int, str]:
     jobs: dict[int, str] = {}
     path = layout.root / "submissions.jsonl"
     if path.exists():
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("cluster") == "slurm":
-                jobs.update({int(k): v for k, v in record["jobs"].items()})
+        for line in path.read_bytes().decode(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                if record.get("cluster") == "slurm":
+                    jobs.update({int(k): str(v) for k, v in record["jobs"].items()})
+            except (ValueError, AttributeError, TypeError):
+                continue  # a torn or foreign line: the Slurm states of its jobs are simply not shown
     return jobs
 
 
@@ -96,7 +100,12 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
     for index in range(count):
         start, stop = slice_bounds(num_rows, index, count)
         total = stop - start
-        state = SliceIndex.load(layout.index_file(index))
+        try:
+            state = SliceIndex.load(layout.index_file(index))
+        except CorruptIndex as exc:
+            statuses.append(SliceStatus(index, "corrupt", 0, total, 0, None, None, None, slurm.get(jobs.get(index, "")),
+                                        f"{exc.problem}; run: {repair_command(layout)}"))
+            continue
         slurm_state = slurm.get(jobs.get(index, ""))
         heartbeat = None
         lease = read_lease(layout.lease_file(index))

@@ -23,14 +23,15 @@ from submitit.core import utils as submitit_utils
 from submitit.slurm.slurm import SlurmJob
 
 from vlm_hpc.array_spec import ArraySpec, format_indices, parse_array, split_for_max_array_size
-from vlm_hpc.checkpoint import SliceIndex
+from vlm_hpc.checkpoint import CorruptIndex, SliceIndex
 from vlm_hpc.config import RunConfig, load_config
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.lease import live_holder
 from vlm_hpc.layout import OutputLayout
-from vlm_hpc.manifest import ensure_manifest
-from vlm_hpc.stop import StopRequest, resend_time_limit_warning
+from vlm_hpc.lease import live_holder
+from vlm_hpc.manifest import ensure_manifest, load_manifest
+from vlm_hpc.repair import repair_command
 from vlm_hpc.slice_run import check_inputs, run_slice
+from vlm_hpc.stop import StopRequest, resend_time_limit_warning
 
 SUBMISSIONS_FILE = "submissions.jsonl"
 
@@ -123,7 +124,10 @@ def _pending_slices(layout: OutputLayout, spec: ArraySpec, stale_seconds: float)
     """Slices to submit, and lines about the ones skipped (complete, or running right now)."""
     todo, skipped = [], []
     for index in spec.indices:
-        state = SliceIndex.load(layout.index_file(index))
+        try:
+            state = SliceIndex.load(layout.index_file(index))
+        except CorruptIndex as exc:
+            raise VlmHpcError(f"{exc}; rebuild it first: {repair_command(layout)}") from None
         if state is not None and state.complete:
             skipped.append(f"slice {index}: complete")
             continue
@@ -150,7 +154,7 @@ def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: 
     accepts settings that differ from those pinned in the manifest (here and in every array task)."""
     layout = OutputLayout(Path(config.output.dir))
     manifest_path = layout.manifest_file
-    previous = json.loads(manifest_path.read_text())["num_slices"] if manifest_path.exists() else None
+    previous = load_manifest(manifest_path).num_slices if manifest_path.exists() else None
     count = num_slices or previous or (max(spec.indices) + 1)
     if spec.indices[-1] >= count:
         raise VlmHpcError(f"--array {spec} names slice {spec.indices[-1]}, but the run has {count} slices "
