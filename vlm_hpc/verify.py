@@ -63,7 +63,7 @@ def _lease_record_problem(record: object) -> str | None:
     if record.get("released") is True:  # a released lease keeps its generation
         expected = {"generation": (int,)}
     else:
-        expected = {"host": (str,), "pid": (int,), "heartbeat": (int, float), "token": (str,), "generation": (int,)}
+        expected = {"host": (str,), "pid": (int,), "heartbeat": (int, float), "token": (str,)}  # + generation since v0.2
     wrong = [name for name, types in expected.items()
              if not isinstance(record.get(name), types) or isinstance(record.get(name), bool)]
     return f"fields {wrong} are missing or of the wrong type" if wrong else None
