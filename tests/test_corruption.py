@@ -163,6 +163,7 @@ def test_lost_or_garbage_index_is_refused_then_rebuilt_by_verify_repair(
                               text=True)
     assert "Traceback" not in repaired.stderr and f"rebuilt {output / INDEX}" in repaired.stderr, repaired.stderr
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr  # every row was recovered from the outputs
+    assert json.loads((output / INDEX).read_text())["status"] == "done" and (output / "end0.txt").exists()
     assert run_slice(config, 0, 1, engine_factory=shared_engine).status == "done"
     assert len(computed_rows(output)) == before  # a scan, not a recomputation
     assert_like_reference(output, run)

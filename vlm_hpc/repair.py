@@ -146,7 +146,10 @@ def rebuild_index(layout: OutputLayout, output_format: str, number: int, num_sli
                        repairs=[{"time": time.time(), "file": str(layout.index_file(number).relative_to(layout.root)),
                                  "found": why, "damage": damage[:20],
                                  "rows_done": intervals_of(done)}])
-    if not index.complete:
+    if index.complete:  # as the worker would have finished it
+        index.status = "done"
+        write_atomic(layout.end_marker(number), f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    else:
         layout.end_marker(number).unlink(missing_ok=True)
     index.save(layout.index_file(number))
     return index
