@@ -10,16 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from builders import make_dataset, png, start_worker, write_config
+from builders import make_dataset, png, slow_dataset, start_worker, stop, wait_for, write_config
 
 from vlm_hpc.config import DataSection, load_config
 from vlm_hpc.dataset import open_rows, slice_fingerprint
-from vlm_hpc.engine import CaptionEngine
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.layout import OutputLayout
 from vlm_hpc.manifest import ensure_manifest, scan_dataset
 from vlm_hpc.pins import PinnedSettings
-from vlm_hpc.slice_run import engine_from_config, run_slice
+from vlm_hpc.slice_run import run_slice
 from vlm_hpc.tiny_model import write_tiny_model
 
 ROWS = 20  # two slices of 10; rows 8..11 are neither among the first nor the last 8 keys
@@ -33,18 +32,6 @@ def dataset_rows(changed_row: int | None = None, changed: str = "") -> list[tupl
     elif changed == "key":
         rows[changed_row] = ("renamed", rows[changed_row][1], rows[changed_row][2])
     return rows
-
-
-@pytest.fixture(scope="module")
-def shared_engine():
-    """One loaded engine for every in-process run (every run here captions with the same model)."""
-    cache: dict[str, CaptionEngine] = {}
-
-    def factory(config) -> CaptionEngine:
-        if "engine" not in cache:
-            cache["engine"] = engine_from_config(config)
-        return cache["engine"]
-    return factory
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +217,21 @@ def test_row_fingerprints_see_a_changed_middle_image_in_arrow_image_feature_and_
         assert fingerprints["same", kind][0] == fingerprints["changed", kind][0], kind
         assert fingerprints["same", kind][1] != fingerprints["changed", kind][1], kind
     assert fingerprints["same", "arrow"] == fingerprints["same", "feature"]  # the same keys and image lengths
+
+
+def test_submit_refuses_to_accept_changes_while_a_slice_runs_with_the_pinned_settings(golden_model_dir: Path,
+                                                                                      tmp_path: Path) -> None:
+    from vlm_hpc.array_spec import parse_array
+    from vlm_hpc.submit import submit
+    data = slow_dataset(tmp_path / "data", 200)
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", golden_model_dir, data, output, generation={"batch_size": 2})
+    running = start_worker(config, 0, 2)
+    try:
+        wait_for(lambda: (output / "logs" / "slice_00000.log").exists() and "computed rows="
+                 in (output / "logs" / "slice_00000.log").read_text(), 120, "slice 0 at work")
+        with pytest.raises(VlmHpcError, match=r"slices 0 of .* are running with the settings pinned now"):
+            submit(load_config(config, ["tiling.max_num=4"]), parse_array("1"), None, "debug", accept_changes=True)
+        assert manifest(output)["accepted_changes"] == [] and manifest(output)["pinned"]["max_num"] == 6
+    finally:
+        stop(running)

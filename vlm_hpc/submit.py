@@ -148,6 +148,21 @@ def _set_aside_previous_run(layout: OutputLayout) -> None:
             path.rename(layout.root / f"{name}.previous-{suffix}")
 
 
+def _refuse_changes_while_running(layout: OutputLayout, rows, config: RunConfig, count: int, pins) -> None:
+    """Accepting new settings while slices run would let them go on with the old ones past the boundary."""
+    try:
+        ensure_manifest(layout, rows, config, count, pins)
+        return  # nothing to accept
+    except VlmHpcError:
+        pass
+    running = [index for index in range(count)
+               if live_holder(layout.lease_file(index), config.worker.stale_lease_seconds)]
+    if running:
+        raise VlmHpcError(f"--accept-changes: slices {format_indices(running)} of {layout.root} are running with the "
+                          f"settings pinned now and would mix them past the boundary; stop them first (scancel, or "
+                          f"touch {layout.root}/kill<N>.txt), then submit again")
+
+
 def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: str, force: bool = False,
            accept_changes: bool = False) -> list:
     """Validate, then submit the incomplete slices of `spec`; returns the submitit jobs. `accept_changes`
@@ -160,6 +175,8 @@ def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: 
         raise VlmHpcError(f"--array {spec} names slice {spec.indices[-1]}, but the run has {count} slices "
                           f"(0..{count - 1}); pass --num-slices or a smaller --array")
     rows, layout, pins = check_inputs(config, spec.indices[0], count)
+    if accept_changes and previous is not None:
+        _refuse_changes_while_running(layout, rows, config, count, pins)
     if force and previous is not None:
         try:
             ensure_manifest(layout, rows, config, count, pins, accept_changes=accept_changes)
