@@ -4,12 +4,12 @@
     python benchmarks/engine.py --smoke                                                     # CPU, tiny model
 
 `v15` builds transformers' native InternVL at InternVL-Chat-V1.5's exact shapes (InternViT-6B 448px, 45
-layers; InternLM2-20B as Llama, 48 layers, GQA 48/8) through `vlm_hpc.weight_mapping.native_config`, and
+layers; InternLM2-20B as Llama, 48 layers, GQA 48/8) through `vlm_hpc.internvl.weight_mapping.native_config`, and
 initialises it on the device in bf16: no download. Prompts have the real structure (BOS, ~220 text tokens
 standing for the system message and the seed's question, 256 image tokens per tile); images are drawn from
 typical web sizes and tiled with the real `tile_count`. Every row generates exactly `--new-tokens` tokens
 (EOS ignored) so runs compare. The baseline is the seed's: a fixed batch of 6 images in row order, one
-generate() call per batch. "ours" forms batches as the worker does (`vlm_hpc.batching`: windows of rows sorted
+generate() call per batch. "ours" forms batches as the worker does (`vlm_hpc.run.batching`: windows of rows sorted
 by tile count, filled to a tile budget, `auto` = sized to the free GPU memory) and encodes images in vision
 micro-batches; both go through the engine's own `generate_new_tokens`. Each configuration reports images/s,
 tiles/s, tokens/s, achieved TFLOP/s (estimated from parameter counts), its fraction of `--peak-tflops`, and
@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, InternVLForConditionalGeneration
 
-from vlm_hpc.batching import BatchLimits, BatchPlanner, memory_tile_budget, split_windows
-from vlm_hpc.engine import generate_new_tokens, memory_costs
-from vlm_hpc.tiling import tile_count
+from vlm_hpc.run.batching import BatchLimits, BatchPlanner, memory_tile_budget, split_windows
+from vlm_hpc.engines.transformers import generate_new_tokens, memory_costs
+from vlm_hpc.preprocess.tiling import tile_count
 from vlm_hpc.tiny_model import original_config
-from vlm_hpc.weight_mapping import native_config, num_image_token
+from vlm_hpc.internvl.weight_mapping import native_config, num_image_token
 
 # A web-like size mix (width, height): small, typical, HD, 4K, extreme aspect ratios.
 SIZES = [(640, 480), (800, 600), (1024, 768), (500, 750), (1280, 720), (1920, 1080), (1080, 1920), (3840, 2160),

@@ -22,13 +22,13 @@ from pathlib import Path
 import datasets
 import torch
 
-import vlm_hpc.prefetch as prefetch
-import vlm_hpc.slice_run as worker
-from vlm_hpc.checkpoint import SliceIndex
+import vlm_hpc.run.prefetch as prefetch
+import vlm_hpc.run.slice_run as worker
+from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.config import load_config
-from vlm_hpc.engine import Caption, GenerationSettings
-from vlm_hpc.layout import OutputLayout
-from vlm_hpc.manifest import ensure_manifest
+from vlm_hpc.engines.transformers import Caption, GenerationSettings
+from vlm_hpc.run.layout import OutputLayout
+from vlm_hpc.run.manifest import ensure_manifest
 from vlm_hpc.tiny_model import write_tiny_model
 
 

@@ -53,9 +53,9 @@ import PIL
 import torch
 from PIL import Image, ImageFile
 
-from vlm_hpc.imaging import decode_image
-from vlm_hpc.resampling import resampler
-from vlm_hpc.tiling import normalize, tile_image
+from vlm_hpc.preprocess.decode import decode_image
+from vlm_hpc.preprocess.resampling import resampler
+from vlm_hpc.preprocess.tiling import normalize, tile_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 

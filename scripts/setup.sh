@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[test]"
 # The C resampler is optional for users without a compiler; with one, a failed build is a bug to see here.
-resampler=$(.venv/bin/python -c "from vlm_hpc.resampling import resampler; print(resampler())")
+resampler=$(.venv/bin/python -c "from vlm_hpc.preprocess.resampling import resampler; print(resampler())")
 echo "bicubic resize: $resampler"
 if [ "$resampler" = "Pillow" ] && command -v cc >/dev/null; then
     echo "vlm_hpc._bicubic did not build although a C compiler is here; rerun: .venv/bin/python -m pip install -v -e ." >&2

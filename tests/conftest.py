@@ -43,7 +43,7 @@ def golden_images() -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def shared_engine():
     """One loaded engine for every in-process run (the model is the same; only slices differ)."""
-    from vlm_hpc.slice_run import engine_from_config
+    from vlm_hpc.run.slice_run import engine_from_config
     cache: dict = {}
 
     def factory(config):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from vlm_hpc.batching import BatchLimits, BatchPlanner, memory_tile_budget, plan_batches, split_windows
+from vlm_hpc.run.batching import BatchLimits, BatchPlanner, memory_tile_budget, plan_batches, split_windows
 
 
 def test_without_a_tile_budget_batches_are_the_seeds_fixed_row_chunks() -> None:
@@ -95,6 +95,6 @@ def test_config_generation_defaults_are_the_engines() -> None:
     """Two dataclasses hold the seed's sampling defaults (config stays free of torch); they must agree."""
     from dataclasses import fields
     from vlm_hpc.config import GenerationSection
-    from vlm_hpc.engine import GenerationSettings
+    from vlm_hpc.engines.transformers import GenerationSettings
     for field_ in fields(GenerationSettings):
         assert getattr(GenerationSection(), field_.name) == getattr(GenerationSettings(), field_.name), field_.name

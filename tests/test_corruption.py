@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 
 from builders import make_dataset, png, read_captions, write_config
-from vlm_hpc.checkpoint import SliceIndex
+from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.config import DataSection, load_config
-from vlm_hpc.dataset import open_rows
-from vlm_hpc.durable import append_durable
+from vlm_hpc.run.dataset import open_rows
+from vlm_hpc.run.durable import append_durable
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.layout import OutputLayout
-from vlm_hpc.manifest import load_manifest
-from vlm_hpc.repair import repair_on_resume
-from vlm_hpc.slice_run import run_slice
+from vlm_hpc.run.layout import OutputLayout
+from vlm_hpc.run.manifest import load_manifest
+from vlm_hpc.run.repair import repair_on_resume
+from vlm_hpc.run.slice_run import run_slice
 from vlm_hpc.verify import verify
 
 JSONL = Path("captions/slice_00000.jsonl")
@@ -228,7 +228,7 @@ def test_append_durable_refuses_to_pad_a_short_file_and_still_cuts_an_uncommitte
 
 
 def test_old_indexes_without_repairs_load_and_every_field_has_a_type_check(tmp_path: Path) -> None:
-    from vlm_hpc.checkpoint import _FIELD_TYPES
+    from vlm_hpc.run.checkpoint import _FIELD_TYPES
     assert set(_FIELD_TYPES) == {f.name for f in fields(SliceIndex)}
     path = tmp_path / "slice_00000.json"
     path.write_text(json.dumps({"slice": 0, "num_slices": 1, "start": 0, "stop": 4, "done": [[0, 2]], "captions": 2}))

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import GOLDEN, load_golden
-from vlm_hpc.engine import CaptionEngine, GenerationSettings
-from vlm_hpc.imaging import decode_image
-from vlm_hpc.tiling import tile_image
+from vlm_hpc.engines.transformers import CaptionEngine, GenerationSettings
+from vlm_hpc.preprocess.decode import decode_image
+from vlm_hpc.preprocess.tiling import tile_image
 
 E2E = load_golden("e2e_golden.json")
 RUNS = [("batch", E2E["batch"], None), ("english_system_message", E2E["batch_v15_english_system_message"],
@@ -45,7 +45,7 @@ def test_captions_equal_the_originals(name: str, run: dict, system_message: str 
     assert [c.text for c in captions] == run["responses"]
     # first-step logits at the last prompt position, the quantity the original's scores recorded
     with torch.no_grad():
-        from vlm_hpc.tiling import normalize
+        from vlm_hpc.preprocess.tiling import normalize
         logits = engine.model(input_ids=torch.tensor(batch.input_ids), attention_mask=torch.tensor(batch.attention_mask),
                               pixel_values=normalize(torch.cat(tiles))).logits[:, -1]
     assert (logits - torch.tensor(run["step0_full_logits"])).abs().max() < 1e-4
@@ -54,7 +54,7 @@ def test_captions_equal_the_originals(name: str, run: dict, system_message: str 
 @pytest.mark.parametrize("vision_batch", [1, 3])
 def test_vision_micro_batches_change_no_caption(vision_batch: int, engine: CaptionEngine,
                                                 golden_images: dict[str, bytes]) -> None:
-    from vlm_hpc.engine import encode_images
+    from vlm_hpc.engines.transformers import encode_images
     run = E2E["batch"]
     engine.system_message = E2E["model_facts"]["system_message"]
     tiles = tiles_for(run["keys"], golden_images)
@@ -71,7 +71,7 @@ def test_vision_micro_batches_change_no_caption(vision_batch: int, engine: Capti
 
 
 def test_memory_costs_follow_the_models_shapes(engine: CaptionEngine) -> None:
-    from vlm_hpc.engine import PREFILL_OVER_CACHE, VISION_BUFFERS
+    from vlm_hpc.engines.transformers import PREFILL_OVER_CACHE, VISION_BUFFERS
     text, vision = engine.model.config.text_config, engine.model.config.vision_config
     per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4 * (1 + PREFILL_OVER_CACHE)
     costs = engine.memory_costs()

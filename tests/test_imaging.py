@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_hpc import imaging
+from vlm_hpc.preprocess import decode as imaging
 from vlm_hpc.errors import ImageRejected
-from vlm_hpc.imaging import MAX_PIXELS, decode_image
+from vlm_hpc.preprocess.decode import MAX_PIXELS, decode_image
 
 
 def png_bytes(image: Image.Image) -> bytes:

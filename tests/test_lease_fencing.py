@@ -18,7 +18,7 @@ import pytest
 
 from builders import committed_rows, noise_dataset, slice_state, slow_dataset, stop, wait_for, write_config
 from vlm_hpc.config import load_config
-from vlm_hpc.slice_run import run_slice
+from vlm_hpc.run.slice_run import run_slice
 from vlm_hpc.verify import verify
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv"),

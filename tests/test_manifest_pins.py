@@ -13,12 +13,12 @@ import pytest
 from builders import make_dataset, png, slow_dataset, start_worker, stop, wait_for, write_config
 
 from vlm_hpc.config import DataSection, load_config
-from vlm_hpc.dataset import open_rows, slice_fingerprint
+from vlm_hpc.run.dataset import open_rows, slice_fingerprint
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.layout import OutputLayout
-from vlm_hpc.manifest import ensure_manifest, scan_dataset
-from vlm_hpc.pins import PinnedSettings
-from vlm_hpc.slice_run import run_slice
+from vlm_hpc.run.layout import OutputLayout
+from vlm_hpc.run.manifest import ensure_manifest, scan_dataset
+from vlm_hpc.run.pins import PinnedSettings
+from vlm_hpc.run.slice_run import run_slice
 from vlm_hpc.tiny_model import write_tiny_model
 
 ROWS = 20  # two slices of 10; rows 8..11 are neither among the first nor the last 8 keys
@@ -167,10 +167,10 @@ import json, sys
 from pathlib import Path
 from vlm_hpc.config import load_config
 from vlm_hpc.config import DataSection
-from vlm_hpc.dataset import open_rows, slice_fingerprint
-from vlm_hpc.layout import OutputLayout
-from vlm_hpc.manifest import ensure_manifest
-from vlm_hpc.pins import PinnedSettings
+from vlm_hpc.run.dataset import open_rows, slice_fingerprint
+from vlm_hpc.run.layout import OutputLayout
+from vlm_hpc.run.manifest import ensure_manifest
+from vlm_hpc.run.pins import PinnedSettings
 config = load_config(sys.argv[1])
 pins = PinnedSettings(**json.loads(sys.argv[2]))
 ensure_manifest(OutputLayout(Path(config.output.dir)), open_rows(config.data), config, 8, pins,
@@ -221,7 +221,7 @@ def test_row_fingerprints_see_a_changed_middle_image_in_arrow_image_feature_and_
 
 def test_submit_refuses_to_accept_changes_while_a_slice_runs_with_the_pinned_settings(golden_model_dir: Path,
                                                                                       tmp_path: Path) -> None:
-    from vlm_hpc.array_spec import parse_array
+    from vlm_hpc.cluster.array_spec import parse_array
     from vlm_hpc.submit import submit
     data = slow_dataset(tmp_path / "data", 200)
     output = tmp_path / "out"

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from conftest import GOLDEN
 from vlm_hpc.convert import convert_folder
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.model import inspect_model_folder, load_model
+from vlm_hpc.internvl.loading import inspect_model_folder, load_model
 from vlm_hpc.tiny_model import original_config, original_tensor_shapes, write_tiny_model
 
 INPUTS = load_file(GOLDEN / "logits" / "inputs.safetensors")

@@ -66,7 +66,7 @@ def test_the_parent_watch_ends_a_process_whose_parent_was_killed(tmp_path: Path)
     is blocked (here in a sleep, as a loader process is in a pipe write)."""
     script = textwrap.dedent("""
         import os, sys, time
-        from vlm_hpc.stop import watch_parent
+        from vlm_hpc.run.stop import watch_parent
         parent = os.getpid()
         child = os.fork()
         if child == 0:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm_hpc import resampling
-from vlm_hpc.resampling import resize_into_tiles
+from vlm_hpc.preprocess import resampling
+from vlm_hpc.preprocess.resampling import resize_into_tiles
 
 bicubic = pytest.importorskip("vlm_hpc._bicubic", reason="the C resampler was not built (no compiler at install)")
 ALL_PATHS = ("scalar", "avx2", "avx512")

@@ -22,7 +22,7 @@ from conftest import GOLDEN
 from vlm_hpc.config import load_config
 from vlm_hpc.status import collect
 from vlm_hpc.verify import verify
-from vlm_hpc.slice_run import run_slice
+from vlm_hpc.run.slice_run import run_slice
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.slurm

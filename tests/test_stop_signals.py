@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from builders import committed_rows, slice_state, slow_dataset, start_worker, wait_for, write_config
-from vlm_hpc.stop import StopRequest, record_stop_signals
+from vlm_hpc.run.stop import StopRequest, record_stop_signals
 
 OUTCOMES = {signal.SIGUSR2: (3, "requeued", "time_limit"), signal.SIGTERM: (0, "stopped", "sigterm")}
 
@@ -74,7 +74,7 @@ def test_signals_recorded_before_install_are_acted_on_in_order() -> None:
 def test_slice_job_restores_the_handlers_it_found(golden_model_dir: Path, tmp_path: Path) -> None:
     """submitit's array tasks: SliceJob installs its StopRequest before run_slice, and afterwards submitit's
     own handlers (its USR2 requeue) are back in place. The debug executor runs the task in this process."""
-    from vlm_hpc.array_spec import parse_array
+    from vlm_hpc.cluster.array_spec import parse_array
     from vlm_hpc.config import load_config
     from vlm_hpc.submit import submit
 

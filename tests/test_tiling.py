@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import GOLDEN, load_golden
-from vlm_hpc.imaging import blend_onto_white, decode_image
-from vlm_hpc.tiling import (IMAGENET_MEAN, IMAGENET_STD, choose_grid, normalize, normalize_by_table, tile_count,
+from vlm_hpc.preprocess.decode import blend_onto_white, decode_image
+from vlm_hpc.preprocess.tiling import (IMAGENET_MEAN, IMAGENET_STD, choose_grid, normalize, normalize_by_table, tile_count,
                             tile_image)
 
 TILING = load_golden("tiling_golden.json")

@@ -10,8 +10,8 @@ import pytest
 
 from conftest import GOLDEN, load_golden
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.prompt import CAPTION_QUESTION, build_prompt
-from vlm_hpc.tokenizer import load_tokenizer
+from vlm_hpc.internvl.prompt import CAPTION_QUESTION, build_prompt
+from vlm_hpc.internvl.tokenizer import load_tokenizer
 
 TOKENS = load_golden("tokenizer_golden.json")
 SYSTEM_MESSAGES = {name: item["text"] for name, item in TOKENS["system_messages"].items()}

@@ -19,9 +19,9 @@ from builders import (committed_rows, make_dataset, noise_dataset, png, read_cap
                       start_worker, stop, wait_for, write_config)
 from conftest import GOLDEN, load_golden
 from vlm_hpc.config import load_config
-from vlm_hpc.engine import CaptionEngine
+from vlm_hpc.engines.transformers import CaptionEngine
 from vlm_hpc.verify import verify
-from vlm_hpc.slice_run import run_slice
+from vlm_hpc.run.slice_run import run_slice
 
 E2E = load_golden("e2e_golden.json")
 GOLDEN_CAPTIONS = dict(zip(E2E["batch"]["keys"], E2E["batch"]["responses"]))
@@ -73,9 +73,9 @@ def test_tile_budget_batches_sort_by_tiles_and_give_the_golden_captions(
     captions = read_captions(output)
     assert {key: captions[key]["vlm_caption"] for key in GOLDEN_CAPTIONS} == GOLDEN_CAPTIONS
     assert verify(output).ok and verify(output).captioned == 15
-    from vlm_hpc.dataset import open_rows
-    from vlm_hpc.imaging import decode_image
-    from vlm_hpc.tiling import tile_count
+    from vlm_hpc.run.dataset import open_rows
+    from vlm_hpc.preprocess.decode import decode_image
+    from vlm_hpc.preprocess.tiling import tile_count
     tiles = {}
     for row in open_rows(config.data).read(0, 15):
         try:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from vlm_hpc.engine import CaptionEngine, GenerationSettings
+from vlm_hpc.engines.transformers import CaptionEngine, GenerationSettings
 from vlm_hpc.errors import ImageRejected, VlmHpcError
-from vlm_hpc.imaging import decode_image
-from vlm_hpc.prompt import CAPTION_QUESTION
-from vlm_hpc.tiling import tile_image
+from vlm_hpc.preprocess.decode import decode_image
+from vlm_hpc.internvl.prompt import CAPTION_QUESTION
+from vlm_hpc.preprocess.tiling import tile_image
 
 DEFAULTS = GenerationSettings()
 

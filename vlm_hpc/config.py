@@ -17,7 +17,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.prompt import CAPTION_QUESTION
+from vlm_hpc.internvl.prompt import CAPTION_QUESTION
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`python -m vlm_hpc.convert SRC DST`: write a native-layout copy of an original InternVL-Chat-V1-5 folder.
 
 Streams one source shard at a time into one destination shard, so host memory stays at about one shard.
-The copy loads with `vlm_hpc.model.load_model` (and, config-wise, with transformers' own InternVL classes);
+The copy loads with `vlm_hpc.internvl.loading.load_model` (and, config-wise, with transformers' own InternVL classes);
 its `vlm_hpc.json` keeps what the native config cannot (the system message the original would use).
 """
 
@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.model import NATIVE_METADATA_FILE, inspect_model_folder
-from vlm_hpc.weight_mapping import SplitShapes, map_tensor
+from vlm_hpc.internvl.loading import NATIVE_METADATA_FILE, inspect_model_folder
+from vlm_hpc.internvl.weight_mapping import SplitShapes, map_tensor
 
 TOKENIZER_COPY = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 

@@ -22,16 +22,16 @@ import submitit
 from submitit.core import utils as submitit_utils
 from submitit.slurm.slurm import SlurmJob
 
-from vlm_hpc.array_spec import ArraySpec, format_indices, parse_array, split_for_max_array_size
-from vlm_hpc.checkpoint import CorruptIndex, SliceIndex
+from vlm_hpc.cluster.array_spec import ArraySpec, format_indices, parse_array, split_for_max_array_size
+from vlm_hpc.run.checkpoint import CorruptIndex, SliceIndex
 from vlm_hpc.config import RunConfig, load_config
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.layout import OutputLayout
-from vlm_hpc.lease import live_holder
-from vlm_hpc.manifest import ensure_manifest, load_manifest
-from vlm_hpc.repair import repair_command
-from vlm_hpc.slice_run import check_inputs, run_slice
-from vlm_hpc.stop import StopRequest, resend_time_limit_warning
+from vlm_hpc.run.layout import OutputLayout
+from vlm_hpc.run.lease import live_holder
+from vlm_hpc.run.manifest import ensure_manifest, load_manifest
+from vlm_hpc.run.repair import repair_command
+from vlm_hpc.run.slice_run import check_inputs, run_slice
+from vlm_hpc.run.stop import StopRequest, resend_time_limit_warning
 
 SUBMISSIONS_FILE = "submissions.jsonl"
 

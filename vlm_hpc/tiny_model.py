@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vlm_hpc.prompt import TEMPLATE_NAME
+from vlm_hpc.internvl.prompt import TEMPLATE_NAME
 
 VISION = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
           "image_size": 448, "patch_size": 14}

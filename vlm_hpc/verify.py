@@ -14,16 +14,16 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vlm_hpc.checkpoint import CorruptIndex
-from vlm_hpc.committed import parse_record, read_slice_outputs
+from vlm_hpc.run.checkpoint import CorruptIndex
+from vlm_hpc.run.committed import parse_record, read_slice_outputs
 from vlm_hpc.config import DataSection, WorkerSection
-from vlm_hpc.dataset import RowSource, open_rows, slice_bounds
+from vlm_hpc.run.dataset import RowSource, open_rows, slice_bounds
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.layout import OutputLayout, relpath_to_key
-from vlm_hpc.job_environment import JobEnvironment
-from vlm_hpc.lease import SliceBusy, SliceLease
-from vlm_hpc.manifest import RunManifest, load_manifest
-from vlm_hpc.repair import load_index, rebuild_index, repair_command
+from vlm_hpc.run.layout import OutputLayout, relpath_to_key
+from vlm_hpc.cluster.environment import JobEnvironment
+from vlm_hpc.run.lease import SliceBusy, SliceLease
+from vlm_hpc.run.manifest import RunManifest, load_manifest
+from vlm_hpc.run.repair import load_index, rebuild_index, repair_command
 
 PROBLEMS = ("lost", "duplicate", "orphan", "corrupt")
 

@@ -1,6 +1,6 @@
 """`python -m vlm_hpc.worker --config FILE --slice I --num-slices N [key=value ...]`: one slice, in the foreground.
 
-This is what every array task of the sbatch template runs; `vlm_hpc.slice_run` does the work. The command
+This is what every array task of the sbatch template runs; `vlm_hpc.run.slice_run` does the work. The command
 imports it only inside `main`, after it has started recording stop signals: a time-limit warning or a SIGTERM
 during the seconds that torch and transformers take to import is acted on (requeue, or stop), not fatal.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vlm_hpc.stop import record_stop_signals
+from vlm_hpc.run.stop import record_stop_signals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from vlm_hpc.config import load_config
     from vlm_hpc.errors import VlmHpcError
-    from vlm_hpc.job_environment import JobEnvironment, requeue_this_task
-    from vlm_hpc.slice_run import run_slice
+    from vlm_hpc.cluster.environment import JobEnvironment, requeue_this_task
+    from vlm_hpc.run.slice_run import run_slice
 
     try:
         config = load_config(args.config, args.overrides)

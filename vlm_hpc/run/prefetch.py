@@ -16,12 +16,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vlm_hpc.config import RunConfig, WorkerSection
-from vlm_hpc.dataset import Row, RowSource
+from vlm_hpc.run.dataset import Row, RowSource
 from vlm_hpc.errors import ImageRejected
-from vlm_hpc.imaging import decode_image
-from vlm_hpc.manifest import RunManifest
-from vlm_hpc.stop import loader_process_init
-from vlm_hpc.tiling import tile_image
+from vlm_hpc.preprocess.decode import decode_image
+from vlm_hpc.run.manifest import RunManifest
+from vlm_hpc.run.stop import loader_process_init
+from vlm_hpc.preprocess.tiling import tile_image
 
 
 @dataclass

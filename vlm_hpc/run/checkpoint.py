@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from vlm_hpc.durable import write_json_atomic
+from vlm_hpc.run.durable import write_json_atomic
 from vlm_hpc.errors import VlmHpcError
 
 

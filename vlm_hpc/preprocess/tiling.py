@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 from PIL import Image
 
-from vlm_hpc.resampling import resize_into_tiles
+from vlm_hpc.preprocess.resampling import resize_into_tiles
 
 TILE_SIZE = 448
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -17,10 +17,10 @@ import torch
 from transformers import GenerationConfig, InternVLForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vlm_hpc.model import inspect_model_folder, load_model
-from vlm_hpc.prompt import CAPTION_QUESTION, STOP_TOKEN, build_prompt
-from vlm_hpc.tiling import normalize
-from vlm_hpc.tokenizer import InternLM2Tokenizer, load_tokenizer
+from vlm_hpc.internvl.loading import inspect_model_folder, load_model
+from vlm_hpc.internvl.prompt import CAPTION_QUESTION, STOP_TOKEN, build_prompt
+from vlm_hpc.preprocess.tiling import normalize
+from vlm_hpc.internvl.tokenizer import InternLM2Tokenizer, load_tokenizer
 
 # The original's generation config comes from the InternLM2 config, whose top_k is transformers' default 50.
 ORIGINAL_TOP_K = 50

@@ -3,7 +3,7 @@
 Every later worker or submission to the same output folder must agree with it, so that slice i always means
 the same rows and every caption of the run was made the same way. It holds the dataset's cheap global
 fingerprint, a content fingerprint per slice (checked by that slice's worker only: cost in proportion to the
-slice), the pinned settings (`vlm_hpc.pins`), the changes accepted with --accept-changes, and the rows whose
+slice), the pinned settings (`vlm_hpc.run.pins`), the changes accepted with --accept-changes, and the rows whose
 key repeats an earlier row's key: those are recorded as failures (`duplicate_key`) instead of silently
 overwriting the earlier caption.
 """
@@ -19,18 +19,18 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from vlm_hpc.checkpoint import SliceIndex
+from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.config import DataSection, RunConfig
-from vlm_hpc.dataset import (
+from vlm_hpc.run.dataset import (
     RowSource,
     dataset_fingerprint,
     slice_bounds,
     slice_fingerprint,
 )
-from vlm_hpc.durable import fsync_dir, write_atomic
+from vlm_hpc.run.durable import fsync_dir, write_atomic
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.layout import OutputLayout
-from vlm_hpc.pins import PinnedSettings, compare_pins
+from vlm_hpc.run.layout import OutputLayout
+from vlm_hpc.run.pins import PinnedSettings, compare_pins
 
 _LOCK_SECONDS = 300.0
 

@@ -22,26 +22,26 @@ import torch
 import transformers
 
 from vlm_hpc import __version__
-from vlm_hpc.batching import BatchLimits, BatchPlanner, memory_tile_budget, split_windows
-from vlm_hpc.checkpoint import SliceIndex
+from vlm_hpc.run.batching import BatchLimits, BatchPlanner, memory_tile_budget, split_windows
+from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.config import RunConfig
-from vlm_hpc.dataset import RowSource, open_rows, slice_bounds
-from vlm_hpc.durable import remove_stale_temporaries, write_atomic
-from vlm_hpc.engine import Caption, CaptionEngine, GenerationSettings
+from vlm_hpc.run.dataset import RowSource, open_rows, slice_bounds
+from vlm_hpc.run.durable import remove_stale_temporaries, write_atomic
+from vlm_hpc.engines.transformers import Caption, CaptionEngine, GenerationSettings
 from vlm_hpc.errors import VlmHpcError, io_error_line, io_problem
-from vlm_hpc.imaging import decode_image
-from vlm_hpc.job_environment import JobEnvironment
-from vlm_hpc.layout import OutputLayout
-from vlm_hpc.lease import LeaseLost, SliceLease
-from vlm_hpc.manifest import ensure_manifest
-from vlm_hpc.model import inspect_model_folder, model_fingerprint
-from vlm_hpc.pins import PinnedSettings, pinned_settings
-from vlm_hpc.prefetch import PreparedRow, SliceBatches, batch_loader
-from vlm_hpc.repair import repair_on_resume, resume_index
-from vlm_hpc.resampling import resampler
-from vlm_hpc.stop import BatchAbandoned, StopRequest
-from vlm_hpc.tiling import tile_image
-from vlm_hpc.writer import RowOutcome, SliceWriter
+from vlm_hpc.preprocess.decode import decode_image
+from vlm_hpc.cluster.environment import JobEnvironment
+from vlm_hpc.run.layout import OutputLayout
+from vlm_hpc.run.lease import LeaseLost, SliceLease
+from vlm_hpc.run.manifest import ensure_manifest
+from vlm_hpc.internvl.loading import inspect_model_folder, model_fingerprint
+from vlm_hpc.run.pins import PinnedSettings, pinned_settings
+from vlm_hpc.run.prefetch import PreparedRow, SliceBatches, batch_loader
+from vlm_hpc.run.repair import repair_on_resume, resume_index
+from vlm_hpc.preprocess.resampling import resampler
+from vlm_hpc.run.stop import BatchAbandoned, StopRequest
+from vlm_hpc.preprocess.tiling import tile_image
+from vlm_hpc.run.writer import RowOutcome, SliceWriter
 
 
 def engine_from_config(config: RunConfig) -> CaptionEngine:
@@ -225,7 +225,7 @@ def run_slice(config: RunConfig, index: int, count: int,
               engine_factory: Callable[[RunConfig], CaptionEngine] = engine_from_config,
               stop: StopRequest | None = None, accept_changes: bool = False) -> SliceOutcome:
     """Caption slice `index` of `count` to completion or until asked to stop; resumable at any point.
-    A resume with other pinned settings (vlm_hpc.pins) is refused unless `accept_changes`. An I/O error on the
+    A resume with other pinned settings (vlm_hpc.run.pins) is refused unless `accept_changes`. An I/O error on the
     output folder is raised as one VlmHpcError line, recorded as the slice's crash."""
     try:
         return _run_slice(config, index, count, engine_factory, stop, accept_changes)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlm_hpc.layout import OutputLayout
+from vlm_hpc.run.layout import OutputLayout
 
 NUL, NEWLINE = b"\0", b"\n"
 RecordCheck = Callable[[object], "str | None"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from vlm_hpc.config import RunConfig
 
 if TYPE_CHECKING:  # the record needs only its fields; verify and status must not import torch
-    from vlm_hpc.model import ModelFolder
+    from vlm_hpc.internvl.loading import ModelFolder
 
 _TEXT_SHOWN = 24  # characters of a changed text shown on each side
 

@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlm_hpc.checkpoint import SliceIndex
-from vlm_hpc.durable import append_durable, truncate_to, write_atomic, write_many_atomic
-from vlm_hpc.layout import OutputLayout
-from vlm_hpc.lease import SliceLease
+from vlm_hpc.run.checkpoint import SliceIndex
+from vlm_hpc.run.durable import append_durable, truncate_to, write_atomic, write_many_atomic
+from vlm_hpc.run.layout import OutputLayout
+from vlm_hpc.run.lease import SliceLease
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from safetensors import safe_open
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.prompt import DEFAULT_SYSTEM_MESSAGE, IMG_CONTEXT
-from vlm_hpc.tokenizer import TOKENIZER_FILES, load_tokenizer
-from vlm_hpc.weight_mapping import SplitShapes, check_supported, map_tensor, native_config
+from vlm_hpc.internvl.prompt import DEFAULT_SYSTEM_MESSAGE, IMG_CONTEXT
+from vlm_hpc.internvl.tokenizer import TOKENIZER_FILES, load_tokenizer
+from vlm_hpc.internvl.weight_mapping import SplitShapes, check_supported, map_tensor, native_config
 
 # Written beside a native copy: what the original config said that the native config cannot hold.
 NATIVE_METADATA_FILE = "vlm_hpc.json"

@@ -15,7 +15,7 @@ import torch
 from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig
 
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.prompt import TEMPLATE_NAME
+from vlm_hpc.internvl.prompt import TEMPLATE_NAME
 
 
 @dataclass(frozen=True)

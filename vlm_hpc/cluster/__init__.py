@@ -1,0 +1,1 @@
+"""Where a task runs: its Slurm environment and array specs."""

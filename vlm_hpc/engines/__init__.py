@@ -1,0 +1,1 @@
+"""Caption engines: tiles in, captions out."""

@@ -1,0 +1,1 @@
+"""The life of one slice: rows in, committed captions out, safe against crashes, stops and races."""
