@@ -49,7 +49,7 @@ class NullEngine:
 
 def null_prepare(row, max_num, skip_truncated, duplicate_of, is_sample):
     """Stands in for decode + tile: one empty 'tile', so the engine path is taken."""
-    return prefetch.PreparedRow(row.index, row.key, row.caption, tiles=torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
+    return prefetch.PreparedRow(row.index, row.key, row.web_caption, tiles=torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
 
 
 def make_dataset(folder: Path, rows: int) -> Path:

@@ -17,7 +17,7 @@ import pytest
 from builders import make_dataset, png, read_captions, write_config
 from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.config import DataSection, load_config
-from vlm_hpc.run.dataset import open_rows
+from vlm_hpc.run.readers import open_reader
 from vlm_hpc.run.durable import append_durable
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.layout import OutputLayout
@@ -124,7 +124,7 @@ def test_repair_is_the_same_after_a_crash_before_the_index_is_saved(finished_run
     nul_fill_middle(output / JSONL)
     layout = OutputLayout(output)
     manifest = load_manifest(layout.manifest_file)
-    rows = open_rows(DataSection(**manifest.data))
+    rows = open_reader(DataSection(**manifest.data))
     old_index = (output / INDEX).read_bytes()
     results = []
     for _ in range(2):  # the second time the jsonl is already rewritten, but the index is the old one

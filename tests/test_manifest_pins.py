@@ -13,7 +13,7 @@ import pytest
 from builders import make_dataset, png, slow_dataset, start_worker, stop, wait_for, write_config
 
 from vlm_hpc.config import DataSection, load_config
-from vlm_hpc.run.dataset import open_rows, slice_fingerprint
+from vlm_hpc.run.readers import open_reader, slice_fingerprint
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.manifest import ensure_manifest, scan_dataset
@@ -167,13 +167,13 @@ import json, sys
 from pathlib import Path
 from vlm_hpc.config import load_config
 from vlm_hpc.config import DataSection
-from vlm_hpc.run.dataset import open_rows, slice_fingerprint
+from vlm_hpc.run.readers import open_reader, slice_fingerprint
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.manifest import ensure_manifest
 from vlm_hpc.run.pins import PinnedSettings
 config = load_config(sys.argv[1])
 pins = PinnedSettings(**json.loads(sys.argv[2]))
-ensure_manifest(OutputLayout(Path(config.output.dir)), open_rows(config.data), config, 8, pins,
+ensure_manifest(OutputLayout(Path(config.output.dir)), open_reader(config.data), config, 8, pins,
                 slice_index=int(sys.argv[3]), accept_changes=True)
 """
 
@@ -181,7 +181,7 @@ ensure_manifest(OutputLayout(Path(config.output.dir)), open_rows(config.data), c
 def test_slices_updating_the_manifest_at_once_keep_each_others_records(resumed: dict, tmp_path: Path) -> None:
     output = tmp_path / "eight"
     config = load_config(write_config(tmp_path / "eight.yaml", resumed["model"], resumed["data"], output))
-    rows = open_rows(config.data)
+    rows = open_reader(config.data)
     pins = PinnedSettings(**manifest(resumed["output"])["pinned"])
     ensure_manifest(OutputLayout(output), rows, config, 8, pins)
     old = manifest(output)
@@ -210,7 +210,7 @@ def test_row_fingerprints_see_a_changed_middle_image_in_arrow_image_feature_and_
         for kind, section in (("arrow", DataSection(path=str(tmp_path / name))),
                               ("feature", DataSection(path=str(tmp_path / f"{name}_feature"), image_column="image")),
                               ("parquet", DataSection(path=str(tmp_path / f"{name}.parquet")))):
-            source_rows = open_rows(section)
+            source_rows = open_reader(section)
             # Parquet sees row 10 through its row group [8, 12): rows 0..7 are a range it leaves unchanged.
             fingerprints[name, kind] = [slice_fingerprint(source_rows, a, b) for a, b in ((0, 8), (8, 20))]
     for kind in ("arrow", "feature", "parquet"):

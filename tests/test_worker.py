@@ -73,11 +73,11 @@ def test_tile_budget_batches_sort_by_tiles_and_give_the_golden_captions(
     captions = read_captions(output)
     assert {key: captions[key]["vlm_caption"] for key in GOLDEN_CAPTIONS} == GOLDEN_CAPTIONS
     assert verify(output).ok and verify(output).captioned == 15
-    from vlm_hpc.run.dataset import open_rows
+    from vlm_hpc.run.readers import open_reader
     from vlm_hpc.preprocess.decode import decode_image
     from vlm_hpc.preprocess.tiling import tile_count
     tiles = {}
-    for row in open_rows(config.data).read(0, 15):
+    for row in open_reader(config.data).read(0, 15):
         try:
             image = decode_image(row.image).image
             tiles[row.index] = tile_count(image.width, image.height, config.tiling.max_num)

@@ -31,6 +31,9 @@ class ModelSection:
 @dataclass
 class DataSection:
     path: str = "./dataset"  # a datasets.save_to_disk folder, or a .parquet / .arrow file
+    # auto: a folder is a save_to_disk folder, else by suffix; or a reader's name (vlm_hpc.run.readers.READERS),
+    # checked when the data is opened, so that a registered reader needs no change here.
+    format: str = "auto"
     key_column: str = "new_key"
     image_column: str = "png"
     caption_column: str = "caption"

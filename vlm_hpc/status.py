@@ -18,12 +18,12 @@ from pathlib import Path
 
 from vlm_hpc.cluster.array_spec import format_indices
 from vlm_hpc.run.checkpoint import CorruptIndex, SliceIndex
-from vlm_hpc.run.dataset import slice_bounds
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import read_lease
 from vlm_hpc.run.manifest import load_manifest
 from vlm_hpc.run.repair import repair_command
+from vlm_hpc.run.slicing import slice_bounds
 
 STALLED_AFTER_S = 300  # a running slice whose lease heartbeat is older than this is flagged
 

@@ -17,13 +17,14 @@ from pathlib import Path
 from vlm_hpc.run.checkpoint import CorruptIndex
 from vlm_hpc.run.committed import parse_record, read_slice_outputs
 from vlm_hpc.config import DataSection, WorkerSection
-from vlm_hpc.run.dataset import RowSource, open_rows, slice_bounds
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.layout import OutputLayout, relpath_to_key
 from vlm_hpc.cluster.environment import JobEnvironment
 from vlm_hpc.run.lease import SliceBusy, SliceLease
 from vlm_hpc.run.manifest import RunManifest, load_manifest
 from vlm_hpc.run.repair import load_index, rebuild_index, repair_command
+from vlm_hpc.run.readers import RowReader, open_reader
+from vlm_hpc.run.slicing import slice_bounds
 
 PROBLEMS = ("lost", "duplicate", "orphan", "corrupt")
 
@@ -80,12 +81,12 @@ def _lease_problem(path: Path) -> str | None:
     return parse_record(data, _lease_record_problem)[1]
 
 
-def _open_run(output: str | Path) -> tuple[OutputLayout, RunManifest, RowSource]:
+def _open_run(output: str | Path) -> tuple[OutputLayout, RunManifest, RowReader]:
     layout = OutputLayout(Path(output))
     if not layout.manifest_file.exists():
         raise VlmHpcError(f"verify: {layout.manifest_file} is missing; is {output} a vlm_hpc output folder?")
     manifest = load_manifest(layout.manifest_file)
-    return layout, manifest, open_rows(DataSection(**manifest.data))
+    return layout, manifest, open_reader(DataSection(**manifest.data))
 
 
 def _has_outputs(layout: OutputLayout, number: int, keys: list[str | None]) -> bool:

@@ -21,16 +21,12 @@ from filelock import FileLock, Timeout
 
 from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.config import DataSection, RunConfig
-from vlm_hpc.run.dataset import (
-    RowSource,
-    dataset_fingerprint,
-    slice_bounds,
-    slice_fingerprint,
-)
 from vlm_hpc.run.durable import fsync_dir, write_atomic
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.pins import PinnedSettings, compare_pins
+from vlm_hpc.run.readers import RowReader, slice_fingerprint
+from vlm_hpc.run.slicing import slice_bounds
 
 _LOCK_SECONDS = 300.0
 
@@ -60,7 +56,7 @@ class ManifestCheck:
     notes: list[str]  # lines for the log: what was recorded now for lack of an earlier record
 
 
-def scan_dataset(rows: RowSource, num_slices: int) -> tuple[dict[str, int], dict[str, str]]:
+def scan_dataset(rows: RowReader, num_slices: int) -> tuple[dict[str, int], dict[str, str]]:
     """One pass over the keys: rows repeating an earlier key (rows without a key are the worker's), and each
     slice's content fingerprint."""
     first_row: dict[str, int] = {}
@@ -122,11 +118,11 @@ def _load(layout: OutputLayout) -> RunManifest:
     return load_manifest(layout.manifest_file)
 
 
-def _check_same_run(layout: OutputLayout, existing: RunManifest, rows: RowSource, config: RunConfig,
+def _check_same_run(layout: OutputLayout, existing: RunManifest, rows: RowReader, config: RunConfig,
                     num_slices: int) -> None:
     """Refuse a folder whose rows, slicing or layout are another run's: no flag can make those agree."""
     problems = []
-    if existing.dataset_fingerprint != dataset_fingerprint(rows, config.data) or existing.num_rows != rows.num_rows:
+    if existing.dataset_fingerprint != rows.fingerprint() or existing.num_rows != rows.num_rows:
         problems.append(f"the dataset differs ({existing.data_path}, {existing.num_rows} rows then; "
                         f"{config.data.path}, {rows.num_rows} rows now)")
     if existing.num_slices != num_slices:
@@ -163,7 +159,7 @@ def _finished_rows(layout: OutputLayout, num_slices: int) -> dict[str, int]:
     return finished
 
 
-def _update(layout: OutputLayout, rows: RowSource, config: RunConfig, num_slices: int, pins: PinnedSettings,
+def _update(layout: OutputLayout, rows: RowReader, config: RunConfig, num_slices: int, pins: PinnedSettings,
             slice_index: int | None, fingerprint: str | None, accept_changes: bool) -> ManifestCheck:
     """Record what is missing and what was accepted, re-reading the manifest under its lock so that slices
     updating it at once keep each other's records."""
@@ -195,11 +191,11 @@ def _update(layout: OutputLayout, rows: RowSource, config: RunConfig, num_slices
                           f"process is updating the manifest, delete it: rm {layout.manifest_lock}") from None
 
 
-def _create(layout: OutputLayout, rows: RowSource, config: RunConfig, num_slices: int,
+def _create(layout: OutputLayout, rows: RowReader, config: RunConfig, num_slices: int,
             pins: PinnedSettings) -> RunManifest | None:
     """Write the manifest if there is none; None when another start wrote it first."""
     duplicates, fingerprints = scan_dataset(rows, num_slices)
-    manifest = RunManifest(dataset_fingerprint=dataset_fingerprint(rows, config.data), data_path=config.data.path,
+    manifest = RunManifest(dataset_fingerprint=rows.fingerprint(), data_path=config.data.path,
                            num_rows=rows.num_rows, num_slices=num_slices, output_format=config.output.format,
                            data=asdict(config.data), duplicate_rows=duplicates, slice_fingerprints=fingerprints,
                            pinned=pins.to_dict())
@@ -216,7 +212,7 @@ def _create(layout: OutputLayout, rows: RowSource, config: RunConfig, num_slices
     return manifest
 
 
-def ensure_manifest(layout: OutputLayout, rows: RowSource, config: RunConfig, num_slices: int,
+def ensure_manifest(layout: OutputLayout, rows: RowReader, config: RunConfig, num_slices: int,
                     pins: PinnedSettings, slice_index: int | None = None,
                     accept_changes: bool = False) -> ManifestCheck:
     """Create the manifest on first use, else check that this start agrees with it: the same run (dataset,

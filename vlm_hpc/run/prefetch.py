@@ -16,10 +16,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vlm_hpc.config import RunConfig, WorkerSection
-from vlm_hpc.run.dataset import Row, RowSource
 from vlm_hpc.errors import ImageRejected
 from vlm_hpc.preprocess.decode import decode_image
 from vlm_hpc.run.manifest import RunManifest
+from vlm_hpc.run.readers import Row, RowReader
 from vlm_hpc.run.stop import loader_process_init
 from vlm_hpc.preprocess.tiling import tile_image
 
@@ -41,7 +41,7 @@ class PreparedRow:
 
 def prepare_row(row: Row, max_num: int, skip_truncated: bool, duplicate_of: int | None, is_sample: bool) -> PreparedRow:
     """Decode and tile one row, or say why not (runs in DataLoader processes)."""
-    prepared = PreparedRow(row.index, row.key, row.caption)
+    prepared = PreparedRow(row.index, row.key, row.web_caption)
     if row.key is None or row.key == "":
         prepared.failure, prepared.detail = "missing_key", "the key cell is empty"
         return prepared
@@ -110,7 +110,7 @@ class SliceBatches(Dataset):
     """Item i = window i of the pending rows (a batch, or the rows that are sorted into batches), prepared
     (read, decoded, tiled) in a DataLoader process."""
 
-    def __init__(self, rows: RowSource, windows: list[list[int]], config: RunConfig, manifest: RunManifest,
+    def __init__(self, rows: RowReader, windows: list[list[int]], config: RunConfig, manifest: RunManifest,
                  sample_stride: int) -> None:
         self.rows = rows
         self.windows = windows

@@ -25,7 +25,6 @@ from vlm_hpc import __version__
 from vlm_hpc.run.batching import BatchLimits, BatchPlanner, memory_tile_budget, split_windows
 from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.config import RunConfig
-from vlm_hpc.run.dataset import RowSource, open_rows, slice_bounds
 from vlm_hpc.run.durable import remove_stale_temporaries, write_atomic
 from vlm_hpc.engines.transformers import Caption, CaptionEngine, GenerationSettings
 from vlm_hpc.errors import VlmHpcError, io_error_line, io_problem
@@ -37,7 +36,9 @@ from vlm_hpc.run.manifest import ensure_manifest
 from vlm_hpc.internvl.loading import inspect_model_folder, model_fingerprint
 from vlm_hpc.run.pins import PinnedSettings, pinned_settings
 from vlm_hpc.run.prefetch import PreparedRow, SliceBatches, batch_loader
+from vlm_hpc.run.readers import RowReader, open_reader
 from vlm_hpc.run.repair import repair_on_resume, resume_index
+from vlm_hpc.run.slicing import slice_bounds
 from vlm_hpc.preprocess.resampling import resampler
 from vlm_hpc.run.stop import BatchAbandoned, StopRequest
 from vlm_hpc.preprocess.tiling import tile_image
@@ -204,11 +205,11 @@ def _write_stamp(writer: SliceWriter, config: RunConfig, engine: CaptionEngine, 
     writer.write_fenced(stamp_path, json.dumps(attempts, ensure_ascii=False, indent=1).encode())
 
 
-def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowSource, OutputLayout, PinnedSettings]:
+def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowReader, OutputLayout, PinnedSettings]:
     """Everything that can be checked without the model: model folder, dataset and columns, output folder;
     returns the rows, the output folder and the settings this run pins."""
     folder = inspect_model_folder(config.model.path)
-    rows = open_rows(config.data)
+    rows = open_reader(config.data)
     slice_bounds(rows.num_rows, index, count)
     layout = OutputLayout(Path(config.output.dir))
     try:

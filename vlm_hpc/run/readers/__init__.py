@@ -1,0 +1,51 @@
+"""Input formats: every reader, registered by its data.format word, and `open_reader` choosing one.
+
+Adding a format: a module here with a `RowReader` subclass (see `base`), and one entry in `READERS`. A reader
+defined elsewhere (a plugin, a test) registers itself with `register_reader`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlm_hpc.config import DataSection
+from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.run.readers.arrow_file import ArrowFileReader
+from vlm_hpc.run.readers.base import Row, RowReader, existing_path, slice_fingerprint
+from vlm_hpc.run.readers.datasets_folder import DatasetsFolderReader
+from vlm_hpc.run.readers.parquet_file import ParquetFileReader
+
+__all__ = ["READERS", "Row", "RowReader", "open_reader", "register_reader", "slice_fingerprint"]
+
+# data.format word -> reader; data.format auto asks them in this order which one claims data.path.
+READERS: dict[str, type[RowReader]] = {
+    DatasetsFolderReader.format: DatasetsFolderReader,
+    ArrowFileReader.format: ArrowFileReader,
+    ParquetFileReader.format: ParquetFileReader,
+}
+
+AUTO = "auto"
+
+
+def register_reader(reader: type[RowReader]) -> type[RowReader]:
+    """Make `reader` available as data.format `reader.format` (usable as a class decorator)."""
+    if reader.format == AUTO or READERS.get(reader.format, reader) is not reader:
+        raise VlmHpcError(f"data.format {reader.format!r} is taken ({READERS.get(reader.format, AUTO)}); "
+                          f"give {reader.__name__} another format word")
+    READERS[reader.format] = reader
+    return reader
+
+
+def open_reader(config: DataSection) -> RowReader:
+    """Open the configured input with the reader data.format names (auto: the one that claims data.path),
+    checking its columns; one error line when the input or the format is wrong."""
+    if config.format == AUTO:
+        path = Path(config.path)
+        for reader in READERS.values():
+            if reader.claims(path):
+                return reader(config)
+        existing_path(config)
+        raise VlmHpcError(f"data: {path} is neither a datasets folder nor a .parquet/.arrow file")
+    if config.format not in READERS:
+        raise VlmHpcError(f"data.format is {config.format!r}; choose one of {', '.join([AUTO, *READERS])}")
+    return READERS[config.format](config)
