@@ -30,8 +30,9 @@ AUTO = "auto"
 def register_reader(reader: type[RowReader]) -> type[RowReader]:
     """Make `reader` available as data.format `reader.format` (usable as a class decorator)."""
     if reader.format == AUTO or READERS.get(reader.format, reader) is not reader:
-        raise VlmHpcError(f"data.format {reader.format!r} is taken ({READERS.get(reader.format, AUTO)}); "
-                          f"give {reader.__name__} another format word")
+        holder = "the automatic choice" if reader.format == AUTO else READERS[reader.format].__name__
+        raise VlmHpcError(f"data.format {reader.format!r} is taken by {holder}; give {reader.__name__} another "
+                          "format word")
     READERS[reader.format] = reader
     return reader
 
