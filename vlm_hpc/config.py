@@ -18,6 +18,7 @@ import yaml
 
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.internvl.prompt import CAPTION_QUESTION
+from vlm_hpc.run.outputs import OUTPUT_FORMATS
 
 
 @dataclass
@@ -68,7 +69,9 @@ class PromptSection:
 @dataclass
 class OutputSection:
     dir: str = "./outputs/out_${source}_${partition}/"
-    format: str = "json"  # json: captions/{key}.json (the seed's layout) | jsonl: one append-only file per slice
+    # A name in vlm_hpc.run.outputs.OUTPUT_FORMATS: json: captions/{key}.json (the seed's layout) | jsonl: one
+    # append-only file per slice
+    format: str = "json"
     max_sample_images: int = 1000
 
 
@@ -118,7 +121,7 @@ class RunConfig:
 
 _CHOICES = {("model", "dtype"): ("float32", "bfloat16", "float16"), ("model", "device"): ("auto", "cuda", "cpu"),
             ("model", "attn_implementation"): ("sdpa", "eager", "flash_attention_2"),
-            ("output", "format"): ("json", "jsonl")}
+            ("output", "format"): OUTPUT_FORMATS}  # the registry itself, so that a format registered later counts
 _POSITIVE = {("tiling", "max_num"), ("generation", "batch_size"), ("generation", "max_new_tokens"),
              ("generation", "sort_window"), ("generation", "vision_batch"),
              ("generation", "num_beams"), ("output", "max_sample_images"), ("worker", "grace_seconds"),

@@ -30,6 +30,7 @@ from vlm_hpc.run.dataset import (
 from vlm_hpc.run.durable import fsync_dir, write_atomic
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.layout import OutputLayout
+from vlm_hpc.run.outputs import OUTPUT_FORMATS
 from vlm_hpc.run.pins import PinnedSettings, compare_pins
 
 _LOCK_SECONDS = 300.0
@@ -107,7 +108,7 @@ def load_manifest(path: Path) -> RunManifest:
         expected = _FIELD_TYPES.get(name, object)
         if not isinstance(value, expected) or (isinstance(value, bool) and expected is int):
             raise corrupt(f"field {name!r} is {value!r:.60}")
-    if raw["num_rows"] < 0 or raw["num_slices"] < 1 or raw["output_format"] not in ("json", "jsonl"):
+    if raw["num_rows"] < 0 or raw["num_slices"] < 1 or raw["output_format"] not in OUTPUT_FORMATS:
         raise corrupt(f"num_rows {raw['num_rows']}, num_slices {raw['num_slices']}, "
                       f"output_format {raw['output_format']!r} are not a run's")
     data_fields = {f.name for f in fields(DataSection)}

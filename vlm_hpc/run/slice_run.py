@@ -34,6 +34,7 @@ from vlm_hpc.cluster.environment import JobEnvironment
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import LeaseLost, SliceLease
 from vlm_hpc.run.manifest import ensure_manifest
+from vlm_hpc.run.outputs import output_format
 from vlm_hpc.internvl.loading import inspect_model_folder, model_fingerprint
 from vlm_hpc.run.pins import PinnedSettings, pinned_settings
 from vlm_hpc.run.prefetch import PreparedRow, SliceBatches, batch_loader
@@ -251,15 +252,15 @@ def _run_slice(config: RunConfig, index: int, count: int, engine_factory: Callab
         log.info(f"took over the slice lease: {recovered}")
     lease.start_heartbeat()
     stop = stop or StopRequest(layout.kill_file(index), config.worker.grace_seconds)
-    writer = SliceWriter(layout, index, config.output.format, lease)
+    writer = SliceWriter(layout, index, output_format(config.output.format, layout, index), lease)
     state: SliceIndex | None = None
     try:  # from here on the lease is released whatever happens, a corrupt index included
         for folder, pattern in layout.slice_temporaries(index):
             if removed := remove_stale_temporaries(folder, pattern):
                 log.info(f"removed {removed} temporary files an interrupted write left in {folder}")
-        state = resume_index(layout, index, count, start, stop_row)
+        state = resume_index(layout, index, count, start, stop_row, writer.output)
         with lease.fenced():
-            repair_on_resume(layout, config.output.format, state, lambda: rows.keys(start, stop_row),
+            repair_on_resume(writer.output, state, lambda: rows.keys(start, stop_row),
                              manifest.duplicate_rows, log)
             writer.recover(state)
             write_atomic(layout.reserve_file(index), bytes(CRASH_RESERVE_BYTES))
