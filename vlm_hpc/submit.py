@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
-import subprocess
 import sys
 import time
 import uuid
@@ -22,6 +20,7 @@ import submitit
 from submitit.core import utils as submitit_utils
 from submitit.slurm.slurm import SlurmJob
 
+from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.array_spec import ArraySpec, format_indices, parse_array, split_for_max_array_size
 from vlm_hpc.run.checkpoint import CorruptIndex, SliceIndex
 from vlm_hpc.config import RunConfig, load_config
@@ -95,16 +94,6 @@ class SliceArrayExecutor(submitit.SlurmExecutor):
         for job, path in zip(jobs, pickles):
             job.paths.move_temporary_file(path, "submitted_pickle")
         return jobs
-
-
-def max_array_size() -> int:
-    """The cluster's MaxArraySize (largest array index + 1); Slurm's default 1001 when it cannot be read."""
-    try:
-        result = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
-        match = re.search(r"^MaxArraySize\s*=\s*(\d+)", result.stdout, re.MULTILINE)
-        return int(match.group(1)) if match else 1001
-    except (OSError, subprocess.TimeoutExpired):
-        return 1001
 
 
 def _slurm_executor(config: RunConfig, folder: Path) -> SliceArrayExecutor:
@@ -194,7 +183,7 @@ def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: 
     job = SliceJob(config, count, accept_changes)
     jobs: list = []
     if cluster == "slurm":
-        for offset, tasks in split_for_max_array_size(tuple(todo), max_array_size()):
+        for offset, tasks in split_for_max_array_size(tuple(todo), slurm.max_array_size()):
             executor = _slurm_executor(config, folder)
             executor.task_ids, executor.throttle = tasks, spec.throttle
             jobs += executor.map_array(job, [offset + task for task in tasks])
@@ -207,7 +196,7 @@ def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: 
               "jobs": {str(index): str(j.job_id) for index, j in zip(todo, jobs)}}
     with open(layout.root / SUBMISSIONS_FILE, "a") as handle:
         handle.write(json.dumps(record) + "\n")
-    array_ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
+    array_ids = sorted({slurm.array_job_of(str(j.job_id)) for j in jobs})
     print(f"submitted slices {format_indices(todo)} of {count} on {cluster}: job {', '.join(array_ids)}")
     print(f"output: {layout.root}")
     print(f"watch:  python -m vlm_hpc.status {layout.root}" +

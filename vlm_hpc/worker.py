@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from vlm_hpc.config import load_config
     from vlm_hpc.errors import VlmHpcError
-    from vlm_hpc.cluster.environment import JobEnvironment, requeue_this_task
+    from vlm_hpc.cluster import slurm
+    from vlm_hpc.cluster.environment import JobEnvironment
     from vlm_hpc.run.slice_run import run_slice
 
     try:
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if outcome.status == "requeue":
-        print(requeue_this_task(JobEnvironment.current()), file=sys.stderr)
+        print(slurm.requeue(JobEnvironment.current().slurm_task), file=sys.stderr)
         return 3
     return 0
 
