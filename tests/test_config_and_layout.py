@@ -88,6 +88,17 @@ def test_distinct_keys_get_distinct_paths() -> None:
     assert len({key_to_relpath(k) for k in keys}) == len(keys)
 
 
+def test_run_files_keep_their_names(tmp_path: Path) -> None:
+    """Names that scripts, people and older runs rely on; layout is the one place that spells them."""
+    layout = OutputLayout(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in (
+        layout.submissions_file, layout.submitit_dir, layout.write_probe, layout.manifest_temporary(7),
+        layout.manifest_lock, *layout.run_bookkeeping())] == [
+        "submissions.jsonl", "logs/submitit", "state/.write_probe", ".manifest.7.tmp", "manifest.lock", "state",
+        "failures", "manifest.json"]
+    assert layout.set_aside(layout.manifest_file, "20260101-000000").name == "manifest.json.previous-20260101-000000"
+
+
 def test_intervals_merge_and_pending_rows() -> None:
     intervals: list[list[int]] = []
     for start, stop in [(5, 6), (0, 2), (2, 4), (7, 9), (4, 5)]:

@@ -43,7 +43,7 @@ class SliceStatus:
 
 def _latest_jobs(layout: OutputLayout) -> dict[int, str]:
     jobs: dict[int, str] = {}
-    path = layout.root / "submissions.jsonl"
+    path = layout.submissions_file
     if path.exists():
         for line in path.read_bytes().decode(errors="replace").splitlines():
             try:

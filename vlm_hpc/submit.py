@@ -32,9 +32,6 @@ from vlm_hpc.run.repair import repair_command
 from vlm_hpc.run.slice_run import check_inputs, run_slice
 from vlm_hpc.run.stop import StopRequest, resend_time_limit_warning
 
-SUBMISSIONS_FILE = "submissions.jsonl"
-
-
 class SliceJob(submitit.helpers.Checkpointable):
     """What each array task runs: its slice, to completion or to a graceful stop.
 
@@ -131,10 +128,9 @@ def _pending_slices(layout: OutputLayout, spec: ArraySpec, stale_seconds: float)
 def _set_aside_previous_run(layout: OutputLayout) -> None:
     """--force on a folder of another run: keep its bookkeeping, out of the way."""
     suffix = time.strftime("%Y%m%d-%H%M%S")
-    for name in ("state", "failures", "manifest.json"):
-        path = layout.root / name
+    for path in layout.run_bookkeeping():
         if path.exists():
-            path.rename(layout.root / f"{name}.previous-{suffix}")
+            path.rename(layout.set_aside(path, suffix))
 
 
 def _refuse_changes_while_running(layout: OutputLayout, rows, config: RunConfig, count: int, pins) -> None:
@@ -179,7 +175,7 @@ def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: 
     if not todo:
         print(f"nothing to submit: every slice of --array {spec} is complete or running in {layout.root}")
         return []
-    folder = layout.logs_dir / "submitit"
+    folder = layout.submitit_dir
     job = SliceJob(config, count, accept_changes)
     jobs: list = []
     if cluster == "slurm":
@@ -194,7 +190,7 @@ def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: 
         jobs = executor.map_array(job, todo)
     record = {"time": time.time(), "cluster": cluster, "array": str(spec), "num_slices": count,
               "jobs": {str(index): str(j.job_id) for index, j in zip(todo, jobs)}}
-    with open(layout.root / SUBMISSIONS_FILE, "a") as handle:
+    with open(layout.submissions_file, "a") as handle:
         handle.write(json.dumps(record) + "\n")
     array_ids = sorted({slurm.array_job_of(str(j.job_id)) for j in jobs})
     print(f"submitted slices {format_indices(todo)} of {count} on {cluster}: job {', '.join(array_ids)}")

@@ -204,7 +204,7 @@ def _create(layout: OutputLayout, rows: RowSource, config: RunConfig, num_slices
                            data=asdict(config.data), duplicate_rows=duplicates, slice_fingerprints=fingerprints,
                            pinned=pins.to_dict())
     layout.root.mkdir(parents=True, exist_ok=True)
-    temporary = layout.manifest_file.with_name(f".manifest.{os.getpid()}.tmp")
+    temporary = layout.manifest_temporary(os.getpid())
     temporary.write_text(json.dumps(asdict(manifest), indent=1))
     try:
         os.link(temporary, layout.manifest_file)  # atomic create-if-absent, also on NFS: the first writer wins
