@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.errors import VlmHpcError, print_error
 from vlm_hpc.internvl.loading import NATIVE_METADATA_FILE, inspect_model_folder
 from vlm_hpc.internvl.weight_mapping import SplitShapes, map_tensor
 
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         target = convert_folder(args.source, args.destination)
     except VlmHpcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return print_error(exc)
     print(target)
     return 0
 

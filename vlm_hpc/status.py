@@ -18,7 +18,7 @@ from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.array_spec import format_indices
 from vlm_hpc.run.checkpoint import CorruptIndex, SliceIndex
 from vlm_hpc.run.dataset import slice_bounds
-from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.errors import VlmHpcError, print_error
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import read_lease
 from vlm_hpc.run.manifest import load_manifest
@@ -153,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             statuses, num_rows = collect(args.output)
         except VlmHpcError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return print_error(exc)
         if args.json:
             print(json.dumps({"slices": [asdict(s) for s in statuses], "num_rows": num_rows,
                               "resubmit": format_indices(resubmit_indices(statuses))}))

@@ -24,7 +24,7 @@ from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.array_spec import ArraySpec, format_indices, parse_array, split_for_max_array_size
 from vlm_hpc.run.checkpoint import CorruptIndex, SliceIndex
 from vlm_hpc.config import RunConfig, load_config
-from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.errors import VlmHpcError, print_error
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import live_holder
 from vlm_hpc.run.manifest import ensure_manifest, load_manifest
@@ -66,7 +66,13 @@ class SliceJob(submitit.helpers.Checkpointable):
 
 
 class SliceArrayExecutor(submitit.SlurmExecutor):
-    """submitit's Slurm executor, but the array's task ids are given (sparse ones too) instead of 0..n-1."""
+    """submitit's Slurm executor, but the array's task ids are given (sparse ones too) instead of 0..n-1.
+
+    It mirrors submitit 1.5's private `submitit.slurm.slurm.SlurmExecutor._internal_process_submissions` (its
+    array branch: pickle each delayed call, one sbatch for the array, a job per task) and calls its private
+    `_submit_command`; so pyproject pins submitit below 1.6, and a new submitit means comparing that method with
+    this one.
+    """
 
     task_ids: tuple[int, ...] = ()
     throttle: int | None = None
@@ -225,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         jobs = submit(config, parse_array(args.array), args.num_slices, cluster, args.force, args.accept_changes)
     except VlmHpcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return print_error(exc)
     if not args.wait or not jobs:
         return 0
     failed = 0

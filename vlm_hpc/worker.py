@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. generation.batch_size=8")
     args = parser.parse_args(argv)
     from vlm_hpc.config import load_config
-    from vlm_hpc.errors import VlmHpcError
+    from vlm_hpc.errors import VlmHpcError, print_error
     from vlm_hpc.cluster import slurm
     from vlm_hpc.cluster.environment import JobEnvironment
     from vlm_hpc.run.slice_run import run_slice
@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         outcome = run_slice(config, args.slice, args.num_slices, accept_changes=args.accept_changes)
     except VlmHpcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return print_error(exc)
     if outcome.status == "requeue":
         print(slurm.requeue(JobEnvironment.current().slurm_task), file=sys.stderr)
         return 3
