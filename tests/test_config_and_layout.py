@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 
 from vlm_hpc.cluster.array_spec import format_indices, parse_array, split_for_max_array_size
-from vlm_hpc.run.checkpoint import SliceIndex, add_interval
 from vlm_hpc.config import load_config
-from vlm_hpc.run.dataset import slice_bounds
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.run.layout import OutputLayout, key_to_relpath, relpath_to_key
 from vlm_hpc.internvl.prompt import CAPTION_QUESTION
+from vlm_hpc.run.checkpoint import SliceIndex, add_interval
+from vlm_hpc.run.dataset import slice_bounds
+from vlm_hpc.run.layout import OutputLayout, key_to_relpath, relpath_to_key
 
 ROOT = Path(__file__).parent.parent
 

@@ -15,8 +15,8 @@ import torch
 
 from vlm_hpc.engines.transformers import CaptionEngine, GenerationSettings
 from vlm_hpc.errors import ImageRejected, VlmHpcError, print_error
-from vlm_hpc.preprocess.decode import decode_image
 from vlm_hpc.internvl.prompt import CAPTION_QUESTION
+from vlm_hpc.preprocess.decode import decode_image
 from vlm_hpc.preprocess.tiling import tile_image
 
 DEFAULTS = GenerationSettings()

@@ -45,7 +45,8 @@ def convert_folder(source: str | Path, destination: str | Path) -> Path:
         save_file(tensors, str(target / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
         print(f"convert: shard {number}/{total} -> {name} ({len(tensors)} tensors)", file=sys.stderr)
-    (target / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     folder.config.save_pretrained(target)
     for name in TOKENIZER_COPY:
         if (folder.path / name).is_file():

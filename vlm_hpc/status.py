@@ -16,9 +16,9 @@ from pathlib import Path
 
 from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.array_spec import format_indices
+from vlm_hpc.errors import VlmHpcError, print_error
 from vlm_hpc.run.checkpoint import CorruptIndex, SliceIndex
 from vlm_hpc.run.dataset import slice_bounds
-from vlm_hpc.errors import VlmHpcError, print_error
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import read_lease
 from vlm_hpc.run.manifest import load_manifest
@@ -134,7 +134,8 @@ def render(statuses: list[SliceStatus], num_rows: int) -> str:
                  + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     incomplete = resubmit_indices(statuses)
     if incomplete:
-        lines.append(f"resubmit what is incomplete: python -m vlm_hpc.submit --config ... --array {format_indices(incomplete)}")
+        lines.append("resubmit what is incomplete: python -m vlm_hpc.submit --config ... "
+                     f"--array {format_indices(incomplete)}")
     return "\n".join(lines)
 
 

@@ -22,15 +22,16 @@ from submitit.slurm.slurm import SlurmJob
 
 from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.array_spec import ArraySpec, format_indices, parse_array, split_for_max_array_size
-from vlm_hpc.run.checkpoint import CorruptIndex, SliceIndex
 from vlm_hpc.config import RunConfig, load_config
 from vlm_hpc.errors import VlmHpcError, print_error
+from vlm_hpc.run.checkpoint import CorruptIndex, SliceIndex
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import live_holder
 from vlm_hpc.run.manifest import ensure_manifest, load_manifest
 from vlm_hpc.run.repair import repair_command
 from vlm_hpc.run.slice_run import check_inputs, run_slice
 from vlm_hpc.run.stop import StopRequest, resend_time_limit_warning
+
 
 class SliceJob(submitit.helpers.Checkpointable):
     """What each array task runs: its slice, to completion or to a graceful stop.

@@ -23,10 +23,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="go on although settings pinned in OUTPUT/manifest.json changed (recorded there)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. generation.batch_size=8")
     args = parser.parse_args(argv)
-    from vlm_hpc.config import load_config
-    from vlm_hpc.errors import VlmHpcError, print_error
     from vlm_hpc.cluster import slurm
     from vlm_hpc.cluster.environment import JobEnvironment
+    from vlm_hpc.config import load_config
+    from vlm_hpc.errors import VlmHpcError, print_error
     from vlm_hpc.run.slice_run import run_slice
 
     try:

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
-from vlm_hpc.run.durable import write_json_atomic
 from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.run.durable import write_json_atomic
 
 # What a slice's index records about it; `vlm_hpc.status` derives "stalled" and "corrupt" on top.
 CheckpointStatus = Literal["pending", "running", "stopped", "requeued", "done", "crashed"]

@@ -30,10 +30,10 @@ from pathlib import Path
 
 from filelock import FileLock, SoftFileLock, Timeout
 
-from vlm_hpc.run.durable import write_atomic
-from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.environment import JobEnvironment
+from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.run.durable import write_atomic
 
 LOCK_TIMEOUT_S = 30.0
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.config import DataSection, RunConfig
+from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.run.dataset import (
     RowSource,
     dataset_fingerprint,
@@ -28,7 +29,6 @@ from vlm_hpc.run.dataset import (
     slice_fingerprint,
 )
 from vlm_hpc.run.durable import fsync_dir, write_atomic
-from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.pins import PinnedSettings, compare_pins
 
