@@ -11,9 +11,13 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
-from vlm_hpc.run.durable import write_json_atomic
 from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.run.durable import write_json_atomic
+
+# What a slice's index records about it; `vlm_hpc.status` derives "stalled" and "corrupt" on top.
+CheckpointStatus = Literal["pending", "running", "stopped", "requeued", "done", "crashed"]
 
 
 class CorruptIndex(VlmHpcError):
@@ -70,7 +74,7 @@ class SliceIndex:
     captions_offset: int = 0  # committed size of the slice's jsonl file (format jsonl)
     failures_offset: int = 0  # committed size of the failure ledger
     sample_images: int = 0
-    status: str = "pending"  # pending | running | stopped | requeued | done | crashed
+    status: CheckpointStatus = "pending"
     stop_reason: str | None = None
     attempts: int = 0
     started_at: float | None = None
