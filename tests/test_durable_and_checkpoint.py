@@ -9,8 +9,7 @@ import pytest
 
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.checkpoint import CorruptIndex, SliceIndex, add_interval, intervals_of
-from vlm_hpc.run.durable import (append_durable, remove_stale_temporaries, truncate_to, write_atomic,
-                                 write_many_atomic)
+from vlm_hpc.run.durable import append_durable, remove_stale_temporaries, truncate_to, write_atomic, write_many_atomic
 
 
 def test_write_atomic_replaces_whole_and_leaves_no_temporary_even_when_it_fails(tmp_path: Path) -> None:
@@ -35,7 +34,8 @@ def test_write_many_atomic_cleans_its_temporaries_when_a_rename_fails(tmp_path: 
 
 
 def test_remove_stale_temporaries_removes_only_the_pattern(tmp_path: Path) -> None:
-    for name in (".slice_00001.json.123.tmp", ".slice_00001.lease.9.tmp", "slice_00001.json", ".slice_00002.json.5.tmp"):
+    names = (".slice_00001.json.123.tmp", ".slice_00001.lease.9.tmp", "slice_00001.json", ".slice_00002.json.5.tmp")
+    for name in names:
         (tmp_path / name).write_text("x")
     assert remove_stale_temporaries(tmp_path, ".slice_00001.*.tmp") == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [".slice_00002.json.5.tmp", "slice_00001.json"]
