@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GOLDEN, load_golden
+from golden import GOLDEN, load_golden
 from vlm_hpc.engines.transformers import CaptionEngine, GenerationSettings
 from vlm_hpc.preprocess.decode import decode_image
 from vlm_hpc.preprocess.tiling import tile_image

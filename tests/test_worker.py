@@ -17,7 +17,7 @@ import torch
 
 from builders import (committed_rows, make_dataset, noise_dataset, png, read_captions, slice_state, slow_dataset,
                       start_worker, stop, wait_for, write_config)
-from conftest import GOLDEN, load_golden
+from golden import GOLDEN, load_golden
 from vlm_hpc.config import load_config
 from vlm_hpc.engines.transformers import CaptionEngine
 from vlm_hpc.verify import verify

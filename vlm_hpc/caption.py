@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from vlm_hpc.engines.transformers import CaptionEngine, GenerationSettings
-from vlm_hpc.errors import ImageRejected, VlmHpcError
-from vlm_hpc.preprocess.decode import decode_image
+from vlm_hpc.errors import ImageRejected, VlmHpcError, print_error
 from vlm_hpc.internvl.prompt import CAPTION_QUESTION
+from vlm_hpc.preprocess.decode import decode_image
 from vlm_hpc.preprocess.tiling import tile_image
 
 DEFAULTS = GenerationSettings()
@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = CaptionEngine.from_folder(args.model, dtype=dtype, device=device, question=args.question,
                                            system_message=args.system_message, settings=settings)
     except VlmHpcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return print_error(exc)
     failed = 0
     queue: list[tuple[str, torch.Tensor | None, dict | None]] = []  # in input order: tiles, or an error line
 

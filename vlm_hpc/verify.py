@@ -17,7 +17,7 @@ from vlm_hpc.run.checkpoint import CorruptIndex
 from vlm_hpc.run.committed import parse_record, read_slice_outputs
 from vlm_hpc.config import DataSection, WorkerSection
 from vlm_hpc.run.dataset import RowSource, open_rows, slice_bounds
-from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.errors import VlmHpcError, print_error
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.cluster.environment import JobEnvironment
 from vlm_hpc.run.lease import SliceBusy, SliceLease
@@ -189,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(line, file=sys.stderr)
         report = verify(args.output)
     except VlmHpcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return print_error(exc)
     if args.json:
         print(json.dumps({**asdict(report), "ok": report.ok}, ensure_ascii=False, indent=1))
     else:

@@ -12,9 +12,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
-from vlm_hpc.run.durable import write_json_atomic
 from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.run.durable import write_json_atomic
+
+# What a slice's index records about it; `vlm_hpc.status` derives "stalled" and "corrupt" on top.
+CheckpointStatus = Literal["pending", "running", "stopped", "requeued", "done", "crashed"]
 
 
 class CorruptIndex(VlmHpcError):
@@ -71,7 +75,7 @@ class SliceIndex:
     captions_offset: int = 0  # output-format state: committed size of the slice's jsonl file (only jsonl uses it)
     failures_offset: int = 0  # committed size of the failure ledger
     sample_images: int = 0
-    status: str = "pending"  # pending | running | stopped | requeued | done | crashed
+    status: CheckpointStatus = "pending"
     stop_reason: str | None = None
     attempts: int = 0
     started_at: float | None = None

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.config import DataSection, RunConfig
+from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.run.dataset import (
     RowSource,
     dataset_fingerprint,
@@ -28,7 +29,6 @@ from vlm_hpc.run.dataset import (
     slice_fingerprint,
 )
 from vlm_hpc.run.durable import fsync_dir, write_atomic
-from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.outputs import OUTPUT_FORMATS
 from vlm_hpc.run.pins import PinnedSettings, compare_pins
@@ -205,7 +205,7 @@ def _create(layout: OutputLayout, rows: RowSource, config: RunConfig, num_slices
                            data=asdict(config.data), duplicate_rows=duplicates, slice_fingerprints=fingerprints,
                            pinned=pins.to_dict())
     layout.root.mkdir(parents=True, exist_ok=True)
-    temporary = layout.manifest_file.with_name(f".manifest.{os.getpid()}.tmp")
+    temporary = layout.manifest_temporary(os.getpid())
     temporary.write_text(json.dumps(asdict(manifest), indent=1))
     try:
         os.link(temporary, layout.manifest_file)  # atomic create-if-absent, also on NFS: the first writer wins

@@ -214,7 +214,7 @@ def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowSource, 
     layout = OutputLayout(Path(config.output.dir))
     try:
         layout.state_dir.mkdir(parents=True, exist_ok=True)
-        probe = layout.state_dir / ".write_probe"
+        probe = layout.write_probe
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:

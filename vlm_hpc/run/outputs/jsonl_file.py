@@ -12,7 +12,13 @@ from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.run.committed import damage_hint, is_row, scan_append_only
 from vlm_hpc.run.durable import append_durable, truncate_to
 from vlm_hpc.run.outputs.base import (
-    CaptionRecord, CommittedCaptions, Damage, IndexState, OutputFormat, SliceKeys, StagedBatch,
+    CaptionRecord,
+    CommittedCaptions,
+    Damage,
+    IndexState,
+    OutputFormat,
+    SliceKeys,
+    StagedBatch,
 )
 from vlm_hpc.run.outputs.json_files import caption_body_problem
 
