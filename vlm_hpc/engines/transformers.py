@@ -21,8 +21,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from vlm_hpc.engines.base import Caption, Engine, EngineOutOfMemory, GenerationSettings, MemoryCosts
 from vlm_hpc.internvl.loading import inspect_model_folder, load_model
 from vlm_hpc.internvl.prompt import CAPTION_QUESTION, STOP_TOKEN, build_prompt
-from vlm_hpc.preprocess.tiling import normalize
 from vlm_hpc.internvl.tokenizer import InternLM2Tokenizer, load_tokenizer
+from vlm_hpc.preprocess.tiling import normalize
 
 if TYPE_CHECKING:
     from vlm_hpc.config import RunConfig
@@ -85,7 +85,8 @@ def memory_costs(model: InternVLForConditionalGeneration, tokens_per_tile: int, 
     per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * element * (1 + PREFILL_OVER_CACHE)
     vision_tokens = (vision.image_size[0] // vision.patch_size[0]) ** 2 + 1 \
         if isinstance(vision.image_size, (list, tuple)) else (vision.image_size // vision.patch_size) ** 2 + 1
-    workspace = vision_batch * vision_tokens * (vision.hidden_size + vision.intermediate_size) * element * VISION_BUFFERS
+    per_vision_token = (vision.hidden_size + vision.intermediate_size) * element * VISION_BUFFERS
+    workspace = vision_batch * vision_tokens * per_vision_token
     return MemoryCosts(tile_bytes=int(tokens_per_tile * per_token),
                        image_bytes=int((text_tokens + max_new_tokens) * per_token),
                        vision_workspace_bytes=int(workspace))

@@ -17,12 +17,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlm_hpc.config import RunConfig, WorkerSection
-from vlm_hpc.run.dataset import Row, RowSource
 from vlm_hpc.errors import ImageRejected
 from vlm_hpc.preprocess.decode import decode_image
+from vlm_hpc.preprocess.tiling import tile_image
+from vlm_hpc.run.dataset import Row, RowSource
 from vlm_hpc.run.manifest import RunManifest
 from vlm_hpc.run.stop import loader_process_init
-from vlm_hpc.preprocess.tiling import tile_image
 
 
 @dataclass
