@@ -35,12 +35,12 @@ def golden_images() -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def shared_engine():
     """One loaded engine for every in-process run (the model is the same; only slices differ)."""
-    from vlm_hpc.run.slice_run import engine_from_config
+    from vlm_hpc.engines import load_engine
     cache: dict = {}
 
     def factory(config):
         if "engine" not in cache:
-            cache["engine"] = engine_from_config(config)
+            cache["engine"] = load_engine(config)
         engine = cache["engine"]
         engine.system_message = config.prompt.system_message or engine.system_message
         return engine

@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from vlm_hpc.engines import engine_names
+from vlm_hpc.engines.base import GenerationSettings
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.internvl.prompt import CAPTION_QUESTION
 from vlm_hpc.run.outputs import OUTPUT_FORMATS
@@ -37,6 +39,7 @@ def positive(default: int | float) -> Any:
 @dataclass
 class ModelSection:
     path: str = "./InternVL-Chat-V1-5"
+    engine: str = "transformers"  # a name registered in vlm_hpc.engines.ENGINES
     dtype: Dtype = "bfloat16"  # float32 is used on CPU regardless
     device: Device = "auto"
     attn_implementation: AttnImplementation = "sdpa"
@@ -58,19 +61,20 @@ class TilingSection:
 
 
 @dataclass
-class GenerationSection:
+class GenerationSection(GenerationSettings):
+    """The engine's sampling settings (do_sample, temperature, top_p, max_new_tokens, num_beams, seed: the seed's
+    defaults, from GenerationSettings) plus how the worker forms batches."""
+
     batch_size: int = positive(6)  # images per batch; with a tile_budget, the most images in one batch
     # Tiles per batch, thumbnails included: a number, "auto" (what fits the GPU's free memory), or null for
     # fixed batches of batch_size in row order (the seed's).
     tile_budget: int | str | None = None
     sort_window: int = positive(64)  # with a tile_budget: rows read ahead and sorted by tile count before batching
     vision_batch: int = positive(64)  # tiles per vision-encoder pass (bounds its activation memory)
-    do_sample: bool = True
-    temperature: float = 0.6
-    top_p: float = 0.7
-    max_new_tokens: int = positive(168)
-    num_beams: int = positive(1)
-    seed: int = 0
+
+    def settings(self) -> GenerationSettings:
+        """The sampling settings alone, as engines take them."""
+        return GenerationSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationSettings)})
 
 
 @dataclass
@@ -197,6 +201,8 @@ def _build(raw: dict, source: str) -> RunConfig:
                 fields_by_name[key].metadata.get("choices", ())
             if choices and value not in choices:
                 raise VlmHpcError(f"{where} is {value!r}; choose one of {', '.join(choices)}")
+            if (section_name, key) == ("model", "engine") and value not in engine_names():
+                raise VlmHpcError(f"{where} is {value!r}; choose one of {', '.join(engine_names())}")
             if (section_name, key) == ("generation", "tile_budget") and value is not None \
                     and value != "auto" and not (isinstance(value, int) and value > 0):
                 raise VlmHpcError(f"{where} is {value!r}; use a positive number of tiles, auto, or null")
