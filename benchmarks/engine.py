@@ -89,10 +89,10 @@ def make_workload(count: int, max_num: int, seed: int) -> list[int]:
 
 def plan(workload: list[int], limits: BatchLimits, window: int) -> list[list[int]]:
     """Batches of workload positions as the worker forms them: windows of rows through a BatchPlanner."""
-    planner = BatchPlanner(limits)
+    planner = BatchPlanner(limits, workload.__getitem__)
     batches = []
     for rows in split_windows(list(range(len(workload))), limits, window):
-        batches += planner.add([(i, workload[i]) for i in rows])
+        batches += planner.add(rows)
     return batches + planner.flush()
 
 

@@ -26,25 +26,27 @@ import vlm_hpc.run.prefetch as prefetch
 import vlm_hpc.run.slice_run as worker
 from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.config import load_config
-from vlm_hpc.engines.transformers import Caption, GenerationSettings
+from vlm_hpc.engines.base import Caption, Engine
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.manifest import ensure_manifest
 from vlm_hpc.tiny_model import write_tiny_model
 
 
-class NullEngine:
+class NullEngine(Engine):
     """Captions instantly; what the worker needs of an engine and nothing more."""
 
-    system_message = "null"
-    settings = GenerationSettings()
-    device = torch.device("cpu")
-    dtype = torch.float32
+    @classmethod
+    def from_config(cls, config) -> NullEngine:
+        return cls()
 
     def prompt(self, num_tiles: int) -> str:
         return f"null prompt with {num_tiles} tiles"
 
     def caption(self, tiles, settings=None, poll=None) -> list[Caption]:
         return [Caption(text=f"caption of a {t.shape[0]}-tile image", token_ids=[1, 2], stopped=True) for t in tiles]
+
+    def describe(self) -> dict[str, str]:
+        return {"device": "none", "dtype": "none", "system_message": "null"}
 
 
 def null_prepare(row, max_num, skip_truncated, duplicate_of, is_sample):

@@ -1,21 +1,13 @@
-"""Shared fixtures. The golden set defaults to tests/fixtures/golden (a copy of the visible set); point
-VLM_HPC_GOLDEN at another set produced by the same recipe to run every exactness test against it."""
+"""Shared fixtures (the golden set's location and reader are in `golden`)."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).parent / "fixtures"
-GOLDEN = Path(os.environ.get("VLM_HPC_GOLDEN", FIXTURES / "golden"))
-
-
-def load_golden(name: str) -> dict:
-    return json.loads((GOLDEN / name).read_text())
+from golden import GOLDEN, load_golden
 
 
 @pytest.fixture(scope="session")
@@ -43,12 +35,12 @@ def golden_images() -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def shared_engine():
     """One loaded engine for every in-process run (the model is the same; only slices differ)."""
-    from vlm_hpc.run.slice_run import engine_from_config
+    from vlm_hpc.engines import load_engine
     cache: dict = {}
 
     def factory(config):
         if "engine" not in cache:
-            cache["engine"] = engine_from_config(config)
+            cache["engine"] = load_engine(config)
         engine = cache["engine"]
         engine.system_message = config.prompt.system_message or engine.system_message
         return engine

@@ -6,7 +6,26 @@ import random
 
 import pytest
 
-from vlm_hpc.run.batching import BatchLimits, BatchPlanner, memory_tile_budget, plan_batches, split_windows
+from vlm_hpc.run.batching import BatchLimits, BatchPlanner, memory_tile_budget, split_windows
+from vlm_hpc.run.batching import plan_batches as plan_items
+
+# The planner takes any items with a tile count; these tests plan (row, tiles) pairs and compare rows.
+
+
+def tiles_of(item: tuple[int, int]) -> int:
+    return item[1]
+
+
+def rows(batches: list[list[tuple[int, int]]]) -> list[list[int]]:
+    return [[row for row, _ in batch] for batch in batches]
+
+
+def plan_batches(items: list[tuple[int, int]], limits: BatchLimits) -> list[list[int]]:
+    return rows(plan_items(items, limits, tiles_of))
+
+
+def planner_of(limits: BatchLimits) -> BatchPlanner:
+    return BatchPlanner(limits, tiles_of)
 
 
 def test_without_a_tile_budget_batches_are_the_seeds_fixed_row_chunks() -> None:
@@ -43,38 +62,38 @@ def test_random_workloads_keep_every_row_once_and_respect_the_limits(seed: int) 
 
 
 def test_planner_holds_back_a_batch_with_room_and_flushes_it_at_the_end() -> None:
-    planner = BatchPlanner(BatchLimits(max_images=8, max_tiles=20))
-    first = planner.add([(0, 10), (1, 10), (2, 3)])  # [2, 0] = 13 has room; [1] = 10 has room -> held
+    planner = planner_of(BatchLimits(max_images=8, max_tiles=20))
+    first = rows(planner.add([(0, 10), (1, 10), (2, 3)]))  # [2, 0] = 13 has room; [1] = 10 has room -> held
     assert first == [[2, 0]] and planner.held == [(1, 10)]
-    second = planner.add([(3, 10), (4, 5)])  # pool 1, 3, 4: [4, 1] = 15, [3] held
+    second = rows(planner.add([(3, 10), (4, 5)]))  # pool 1, 3, 4: [4, 1] = 15, [3] held
     assert second == [[4, 1]] and planner.held == [(3, 10)]
-    assert planner.flush() == [[3]] and planner.held == []
+    assert rows(planner.flush()) == [[3]] and planner.held == []
 
 
 def test_planner_emits_full_batches_and_every_row_exactly_once() -> None:
     rng = random.Random(3)
-    planner = BatchPlanner(BatchLimits(max_images=16, max_tiles=60))
+    planner = planner_of(BatchLimits(max_images=16, max_tiles=60))
     seen: list[int] = []
     for window in range(30):
         items = [(window * 50 + i, rng.choice([1, 5, 7, 10, 41])) for i in range(50)]
-        seen += [r for b in planner.add(items) for r in b]
+        seen += [r for b in rows(planner.add(items)) for r in b]
         assert len(planner.held) <= 16
-    seen += [r for b in planner.flush() for r in b]
+    seen += [r for b in rows(planner.flush()) for r in b]
     assert sorted(seen) == list(range(1500))
 
 
 def test_fixed_batches_are_never_held_back() -> None:
-    planner = BatchPlanner(BatchLimits(6))
-    assert planner.add([(0, 7), (1, 7)]) == [[0, 1]] and planner.held == []
+    planner = planner_of(BatchLimits(6))
+    assert rows(planner.add([(0, 7), (1, 7)])) == [[0, 1]] and planner.held == []
 
 
 def test_shrink_halves_below_the_failed_batch_but_not_under_one_image() -> None:
-    planner = BatchPlanner(BatchLimits(64, 400))
+    planner = planner_of(BatchLimits(64, 400))
     assert planner.shrink(380, smallest=10) and planner.limits.max_tiles == 190
     assert not planner.shrink(500, smallest=10) and planner.limits.max_tiles == 190  # a bigger failure: no change
     assert planner.shrink(12, smallest=10) and planner.limits.max_tiles == 10
     assert not planner.shrink(10, smallest=10) and planner.limits.max_tiles == 10
-    assert not BatchPlanner(BatchLimits(6)).shrink(60, smallest=10)
+    assert not planner_of(BatchLimits(6)).shrink(60, smallest=10)
 
 
 def test_memory_budget_grows_with_free_memory_and_never_drops_under_one_image() -> None:
@@ -89,12 +108,3 @@ def test_memory_budget_grows_with_free_memory_and_never_drops_under_one_image() 
 def test_windows_are_batches_without_a_budget_and_sort_windows_with_one() -> None:
     assert split_windows(list(range(7)), BatchLimits(3), sort_window=5) == [[0, 1, 2], [3, 4, 5], [6]]
     assert split_windows(list(range(7)), BatchLimits(3, 30), sort_window=5) == [[0, 1, 2, 3, 4], [5, 6]]
-
-
-def test_config_generation_defaults_are_the_engines() -> None:
-    """Two dataclasses hold the seed's sampling defaults (config stays free of torch); they must agree."""
-    from dataclasses import fields
-    from vlm_hpc.config import GenerationSection
-    from vlm_hpc.engines.transformers import GenerationSettings
-    for field_ in fields(GenerationSettings):
-        assert getattr(GenerationSection(), field_.name) == getattr(GenerationSettings(), field_.name), field_.name

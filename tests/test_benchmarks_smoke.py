@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import GOLDEN
+from golden import GOLDEN
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 
 from vlm_hpc.cluster.array_spec import format_indices, parse_array, split_for_max_array_size
-from vlm_hpc.run.checkpoint import SliceIndex, add_interval
 from vlm_hpc.config import load_config
-from vlm_hpc.run.slicing import slice_bounds
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.run.layout import OutputLayout, key_to_relpath, relpath_to_key
 from vlm_hpc.internvl.prompt import CAPTION_QUESTION
+from vlm_hpc.run.checkpoint import SliceIndex, add_interval
+from vlm_hpc.run.layout import OutputLayout, key_to_relpath, relpath_to_key
+from vlm_hpc.run.slicing import slice_bounds
 
 ROOT = Path(__file__).parent.parent
 
@@ -86,6 +86,17 @@ def test_keys_map_reversibly_inside_the_output(key: str, tmp_path: Path) -> None
 def test_distinct_keys_get_distinct_paths() -> None:
     keys = ["a", "%a", "a.json", "A", "a b", "a%20b", "x" * 300, "x" * 299 + "y"]
     assert len({key_to_relpath(k) for k in keys}) == len(keys)
+
+
+def test_run_files_keep_their_names(tmp_path: Path) -> None:
+    """Names that scripts, people and older runs rely on; layout is the one place that spells them."""
+    layout = OutputLayout(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in (
+        layout.submissions_file, layout.submitit_dir, layout.write_probe, layout.manifest_temporary(7),
+        layout.manifest_lock, *layout.run_bookkeeping())] == [
+        "submissions.jsonl", "logs/submitit", "state/.write_probe", ".manifest.7.tmp", "manifest.lock", "state",
+        "failures", "manifest.json"]
+    assert layout.set_aside(layout.manifest_file, "20260101-000000").name == "manifest.json.previous-20260101-000000"
 
 
 def test_intervals_merge_and_pending_rows() -> None:

@@ -22,6 +22,7 @@ from vlm_hpc.run.durable import append_durable
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.manifest import load_manifest
+from vlm_hpc.run.outputs.jsonl_file import JsonlFile
 from vlm_hpc.run.repair import repair_on_resume
 from vlm_hpc.run.slice_run import run_slice
 from vlm_hpc.verify import verify
@@ -129,7 +130,7 @@ def test_repair_is_the_same_after_a_crash_before_the_index_is_saved(finished_run
     results = []
     for _ in range(2):  # the second time the jsonl is already rewritten, but the index is the old one
         state = SliceIndex.load(output / INDEX)
-        repair_on_resume(layout, "jsonl", state, lambda: rows.keys(0, rows.num_rows), manifest.duplicate_rows,
+        repair_on_resume(JsonlFile(layout, 0), state, lambda: rows.keys(0, rows.num_rows), manifest.duplicate_rows,
                          logging.getLogger("test"))
         saved = SliceIndex.load(output / INDEX)
         pending = {row for repair in saved.repairs for a, b in repair["rows_pending"] for row in range(a, b)}

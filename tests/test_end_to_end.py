@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GOLDEN, load_golden
-from vlm_hpc.engines.transformers import CaptionEngine, GenerationSettings
+from golden import GOLDEN, load_golden
+from vlm_hpc.engines.base import GenerationSettings
+from vlm_hpc.engines.transformers import TransformersEngine
 from vlm_hpc.preprocess.decode import decode_image
 from vlm_hpc.preprocess.tiling import tile_image
 
@@ -22,9 +23,9 @@ RUNS += [(f"one_by_one-{run['keys'][0]}", run, None) for run in E2E["batch_size_
 
 
 @pytest.fixture(scope="module")
-def engine(golden_model_dir: Path) -> CaptionEngine:
+def engine(golden_model_dir: Path) -> TransformersEngine:
     settings = GenerationSettings(**E2E["generation_config"])
-    return CaptionEngine.from_folder(golden_model_dir, dtype="float32", device="cpu", settings=settings)
+    return TransformersEngine.from_folder(golden_model_dir, dtype="float32", device="cpu", settings=settings)
 
 
 def tiles_for(keys: list[str], golden_images: dict[str, bytes]) -> list[torch.Tensor]:
@@ -32,7 +33,7 @@ def tiles_for(keys: list[str], golden_images: dict[str, bytes]) -> list[torch.Te
 
 
 @pytest.mark.parametrize(("name", "run", "system_message"), RUNS, ids=[r[0] for r in RUNS])
-def test_captions_equal_the_originals(name: str, run: dict, system_message: str | None, engine: CaptionEngine,
+def test_captions_equal_the_originals(name: str, run: dict, system_message: str | None, engine: TransformersEngine,
                                       golden_images: dict[str, bytes]) -> None:
     engine.system_message = system_message or E2E["model_facts"]["system_message"]
     tiles = tiles_for(run["keys"], golden_images)
@@ -52,7 +53,7 @@ def test_captions_equal_the_originals(name: str, run: dict, system_message: str 
 
 
 @pytest.mark.parametrize("vision_batch", [1, 3])
-def test_vision_micro_batches_change_no_caption(vision_batch: int, engine: CaptionEngine,
+def test_vision_micro_batches_change_no_caption(vision_batch: int, engine: TransformersEngine,
                                                 golden_images: dict[str, bytes]) -> None:
     from vlm_hpc.engines.transformers import encode_images
     run = E2E["batch"]
@@ -70,7 +71,7 @@ def test_vision_micro_batches_change_no_caption(vision_batch: int, engine: Capti
     assert [c.text for c in captions] == run["responses"]
 
 
-def test_memory_costs_follow_the_models_shapes(engine: CaptionEngine) -> None:
+def test_memory_costs_follow_the_models_shapes(engine: TransformersEngine) -> None:
     from vlm_hpc.engines.transformers import PREFILL_OVER_CACHE, VISION_BUFFERS
     text, vision = engine.model.config.text_config, engine.model.config.vision_config
     per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4 * (1 + PREFILL_OVER_CACHE)
@@ -84,11 +85,11 @@ def test_memory_costs_follow_the_models_shapes(engine: CaptionEngine) -> None:
     assert engine.free_memory() is None  # CPU: no memory-sized budget
 
 
-def test_tokens_per_tile_is_what_the_original_used(engine: CaptionEngine) -> None:
+def test_tokens_per_tile_is_what_the_original_used(engine: TransformersEngine) -> None:
     assert E2E["model_facts"]["num_image_token"] == engine.num_image_token
 
 
-def test_sampling_is_reproducible_with_a_seed(engine: CaptionEngine, golden_images: dict[str, bytes]) -> None:
+def test_sampling_is_reproducible_with_a_seed(engine: TransformersEngine, golden_images: dict[str, bytes]) -> None:
     tiles = tiles_for(E2E["batch"]["keys"][:2], golden_images)
     sampled = GenerationSettings(do_sample=True, max_new_tokens=6, seed=7)
     first = [c.token_ids for c in engine.caption(tiles, sampled)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import GOLDEN
+from golden import GOLDEN
 from vlm_hpc.convert import convert_folder
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.internvl.loading import inspect_model_folder, load_model

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from builders import make_dataset, png, read_captions, write_config
 
+from builders import make_dataset, png, read_captions, write_config
 from vlm_hpc.config import DataSection, load_config
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.readers import READERS, Row, RowReader, open_reader, register_reader, slice_fingerprint

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from builders import slow_dataset, wait_for, write_config
-from conftest import GOLDEN
+from golden import GOLDEN
 from vlm_hpc.config import load_config
 from vlm_hpc.status import collect
 from vlm_hpc.verify import verify

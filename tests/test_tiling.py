@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import GOLDEN, load_golden
+from golden import GOLDEN, load_golden
 from vlm_hpc.preprocess.decode import blend_onto_white, decode_image
 from vlm_hpc.preprocess.tiling import (IMAGENET_MEAN, IMAGENET_STD, choose_grid, normalize, normalize_by_table, tile_count,
                             tile_image)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GOLDEN, load_golden
+from golden import GOLDEN, load_golden
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.internvl.prompt import CAPTION_QUESTION, build_prompt
 from vlm_hpc.internvl.tokenizer import load_tokenizer

@@ -13,13 +13,12 @@ import zlib
 from pathlib import Path
 
 import pytest
-import torch
 
 from builders import (committed_rows, make_dataset, noise_dataset, png, read_captions, slice_state, slow_dataset,
                       start_worker, stop, wait_for, write_config)
-from conftest import GOLDEN, load_golden
+from golden import GOLDEN, load_golden
 from vlm_hpc.config import load_config
-from vlm_hpc.engines.transformers import CaptionEngine
+from vlm_hpc.engines.base import Engine, EngineOutOfMemory
 from vlm_hpc.verify import verify
 from vlm_hpc.run.slice_run import run_slice
 
@@ -316,10 +315,10 @@ def test_parquet_and_image_feature_inputs_give_the_same_captions(golden_model_di
 
 
 class MemoryLimitedEngine:
-    """The real engine behind a tile budget that raises CUDA's out-of-memory error: a stand-in for a GPU's
+    """The real engine behind a tile budget that raises the engines' out-of-memory error: a stand-in for a GPU's
     memory limit, which a CPU test cannot reach."""
 
-    def __init__(self, engine: CaptionEngine, budget: int) -> None:
+    def __init__(self, engine: Engine, budget: int) -> None:
         self.engine = engine
         self.budget = budget
         self.calls: list[int] = []
@@ -327,7 +326,7 @@ class MemoryLimitedEngine:
     def caption(self, tiles, settings=None, poll=None):
         self.calls.append(sum(t.shape[0] for t in tiles))
         if self.calls[-1] > self.budget:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test budget)")
+            raise EngineOutOfMemory("out of memory (test budget)")
         return self.engine.caption(tiles, settings, poll=poll)
 
     def __getattr__(self, name: str):
@@ -362,6 +361,37 @@ def test_out_of_memory_splits_batches_then_retries_with_fewer_tiles(golden_model
             assert all(captions[5][k] == captions[100][k] for k in captions[100] if k.startswith("square"))
         if budget == 0:
             assert captions[0] == {} and {e["reason"] for e in ledger} == {"out_of_memory"} and len(ledger) == 8
+
+
+def test_out_of_memory_on_an_ordinary_row_alone_retries_it_with_fewer_tiles(golden_model_dir: Path, tmp_path: Path,
+                                                                           shared_engine) -> None:
+    """A row that is neither a sample nor truncated keeps its bytes while its batch is in flight: enough to tile
+    it again at half the max_num when it alone does not fit, and its caption is committed, not the ledger."""
+    from vlm_hpc.preprocess.decode import decode_image
+    from vlm_hpc.preprocess.tiling import tile_image
+    wide = png(21, (64, 48))  # 7 tiles at max_num 6
+    rows = [("square_0", png(20), "s"), ("wide", wide, "w"), ("square_1", png(22), "s"), ("square_2", png(23), "s")]
+    data = make_dataset(tmp_path / "data", rows)
+    output = tmp_path / "out"
+    # One sample image for four rows: only row 0 is a sample.
+    config = load_config(write_config(tmp_path / "c.yaml", golden_model_dir, data, output,
+                                      worker={"loader_workers": 0}, output={"max_sample_images": 1}))
+    limited: dict = {}
+
+    def factory(config):
+        limited["engine"] = MemoryLimitedEngine(shared_engine(config), 5)
+        return limited["engine"]
+    assert run_slice(config, 0, 1, engine_factory=factory).status == "done"
+    log = (output / "logs" / "slice_00000.log").read_text()
+    assert "out of memory on row 1 alone; retrying with max_num 3" in log
+    assert [path.name for path in (output / "images").iterdir()] == ["square_0.png"]  # row 1 is no sample
+    assert not (output / "failures" / "slice_00000.jsonl").exists()
+    captions = read_captions(output)
+    assert set(captions) == {"square_0", "wide", "square_1", "square_2"} and verify(output).ok
+    retiled = tile_image(decode_image(wide).image, 3)
+    assert retiled.shape[0] <= 5 and limited["engine"].calls[-2:] == [retiled.shape[0], 2]  # then rows 2, 3
+    expected = shared_engine(config).caption([retiled], config.generation.settings())[0].text
+    assert captions["wide"]["vlm_caption"] == expected
 
 
 def test_out_of_memory_shrinks_the_tile_budget_for_later_batches(golden_model_dir: Path, tmp_path: Path,

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from vlm_hpc.engines.transformers import CaptionEngine, GenerationSettings
-from vlm_hpc.errors import ImageRejected, VlmHpcError
-from vlm_hpc.preprocess.decode import decode_image
+from vlm_hpc.engines.base import GenerationSettings
+from vlm_hpc.engines.transformers import TransformersEngine
+from vlm_hpc.errors import ImageRejected, VlmHpcError, print_error
 from vlm_hpc.internvl.prompt import CAPTION_QUESTION
+from vlm_hpc.preprocess.decode import decode_image
 from vlm_hpc.preprocess.tiling import tile_image
 
 DEFAULTS = GenerationSettings()
@@ -50,11 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_num < 1 or args.batch_size < 1:
             raise VlmHpcError("--max-num and --batch-size must be at least 1")
-        engine = CaptionEngine.from_folder(args.model, dtype=dtype, device=device, question=args.question,
-                                           system_message=args.system_message, settings=settings)
+        engine = TransformersEngine.from_folder(args.model, dtype=dtype, device=device, question=args.question,
+                                                system_message=args.system_message, settings=settings)
     except VlmHpcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return print_error(exc)
     failed = 0
     queue: list[tuple[str, torch.Tensor | None, dict | None]] = []  # in input order: tiles, or an error line
 

@@ -12,20 +12,37 @@ import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from vlm_hpc.engines import engine_names
+from vlm_hpc.engines.base import GenerationSettings
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.internvl.prompt import CAPTION_QUESTION
+from vlm_hpc.run.outputs import OUTPUT_FORMATS
+
+# The vocabularies of the config: the validator accepts exactly these words (in this order in its message). The
+# output formats are the registry's names (field metadata "choices"), so that a format registered later counts.
+Dtype = Literal["float32", "bfloat16", "float16"]
+Device = Literal["auto", "cuda", "cpu"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+
+_POSITIVE = {"positive": True}  # field metadata: the validator refuses zero and negative values
+
+
+def positive(default: int | float) -> Any:
+    """A field whose value must be above zero."""
+    return field(default=default, metadata=_POSITIVE)
 
 
 @dataclass
 class ModelSection:
     path: str = "./InternVL-Chat-V1-5"
-    dtype: str = "bfloat16"  # float32 | bfloat16 | float16; float32 is used on CPU regardless
-    device: str = "auto"  # auto | cuda | cpu
-    attn_implementation: str = "sdpa"
+    engine: str = "transformers"  # a name registered in vlm_hpc.engines.ENGINES
+    dtype: Dtype = "bfloat16"  # float32 is used on CPU regardless
+    device: Device = "auto"
+    attn_implementation: AttnImplementation = "sdpa"
 
 
 @dataclass
@@ -42,24 +59,25 @@ class DataSection:
 
 @dataclass
 class TilingSection:
-    max_num: int = 9
+    max_num: int = positive(9)
     skip_truncated: bool = False  # False: caption truncated images as the original does, and list them
 
 
 @dataclass
-class GenerationSection:
-    batch_size: int = 6  # images per batch; with a tile_budget, the most images in one batch
+class GenerationSection(GenerationSettings):
+    """The engine's sampling settings (do_sample, temperature, top_p, max_new_tokens, num_beams, seed: the seed's
+    defaults, from GenerationSettings) plus how the worker forms batches."""
+
+    batch_size: int = positive(6)  # images per batch; with a tile_budget, the most images in one batch
     # Tiles per batch, thumbnails included: a number, "auto" (what fits the GPU's free memory), or null for
     # fixed batches of batch_size in row order (the seed's).
     tile_budget: int | str | None = None
-    sort_window: int = 64  # with a tile_budget: rows read ahead and sorted by tile count before batching
-    vision_batch: int = 64  # tiles per vision-encoder pass (bounds its activation memory)
-    do_sample: bool = True
-    temperature: float = 0.6
-    top_p: float = 0.7
-    max_new_tokens: int = 168
-    num_beams: int = 1
-    seed: int = 0
+    sort_window: int = positive(64)  # with a tile_budget: rows read ahead and sorted by tile count before batching
+    vision_batch: int = positive(64)  # tiles per vision-encoder pass (bounds its activation memory)
+
+    def settings(self) -> GenerationSettings:
+        """The sampling settings alone, as engines take them."""
+        return GenerationSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationSettings)})
 
 
 @dataclass
@@ -71,19 +89,22 @@ class PromptSection:
 @dataclass
 class OutputSection:
     dir: str = "./outputs/out_${source}_${partition}/"
-    format: str = "json"  # json: captions/{key}.json (the seed's layout) | jsonl: one append-only file per slice
-    max_sample_images: int = 1000
+    # A name registered in vlm_hpc.run.outputs: json: captions/{key}.json (the seed's layout) | jsonl: one
+    # append-only file per slice
+    format: str = field(default="json", metadata={"choices": OUTPUT_FORMATS})
+    max_sample_images: int = positive(1000)
 
 
 @dataclass
 class WorkerSection:
     loader_workers: int = 2  # DataLoader processes decoding and tiling ahead of the GPU
-    prefetch_batches: int = 4  # windows (a batch, or sort_window rows) prepared ahead by each loader process
-    grace_seconds: float = 20.0  # finish the batch in flight within this after a stop signal (Slurm KillWait: 30)
-    heartbeat_seconds: float = 10.0
+    prefetch_batches: int = positive(4)  # windows (a batch, or sort_window rows) prepared ahead by each loader process
+    # Finish the batch in flight within this after a stop signal (Slurm KillWait: 30).
+    grace_seconds: float = positive(20.0)
+    heartbeat_seconds: float = positive(10.0)
     commit_seconds: float = 2.0  # commit finished batches at least this often (each commit costs fsyncs)
-    commit_rows: int = 1024  # ... or as soon as this many rows are finished
-    stale_lease_seconds: float = 120.0  # a lease not refreshed for this long is considered dead
+    commit_rows: int = positive(1024)  # ... or as soon as this many rows are finished
+    stale_lease_seconds: float = positive(120.0)  # a lease not refreshed for this long is considered dead
     # Heartbeat writes failing for this long give the lease up (null: half of stale_lease_seconds).
     heartbeat_failure_seconds: float | None = None
 
@@ -93,10 +114,10 @@ class SlurmSection:
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time_min: int = 240
-    cpus_per_task: int = 8
+    time_min: int = positive(240)
+    cpus_per_task: int = positive(8)
     mem_gb: int | None = 64
-    gpus_per_task: int = 1
+    gpus_per_task: int = positive(1)
     constraint: str | None = None
     signal_delay_s: int = 120  # time-limit warning (SIGUSR2) this long before the end: commit and requeue
     job_name: str = "vlm_hpc"
@@ -117,16 +138,6 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-_CHOICES = {("model", "dtype"): ("float32", "bfloat16", "float16"), ("model", "device"): ("auto", "cuda", "cpu"),
-            ("model", "attn_implementation"): ("sdpa", "eager", "flash_attention_2"),
-            ("output", "format"): ("json", "jsonl")}
-_POSITIVE = {("tiling", "max_num"), ("generation", "batch_size"), ("generation", "max_new_tokens"),
-             ("generation", "sort_window"), ("generation", "vision_batch"),
-             ("generation", "num_beams"), ("output", "max_sample_images"), ("worker", "grace_seconds"),
-             ("worker", "heartbeat_seconds"), ("worker", "commit_rows"), ("worker", "stale_lease_seconds"), ("worker", "prefetch_batches"),
-             ("slurm", "time_min"), ("slurm", "cpus_per_task"), ("slurm", "gpus_per_task")}
 
 
 def _closest(name: str, options: list[str]) -> str:
@@ -183,18 +194,22 @@ def _build(raw: dict, source: str) -> RunConfig:
             raise VlmHpcError(f"{source}: section {section_name!r} must be a mapping of keys to values")
         section = getattr(config, section_name)
         hints = get_type_hints(type(section))
+        fields_by_name = {f.name: f for f in dataclasses.fields(section)}
         for key, value in values.items():
             if key not in hints:
                 raise VlmHpcError(f"{source}: unknown key {section_name}.{key}{_closest(key, list(hints))}")
             where = f"{source}: {section_name}.{key}"
             value = _coerce(value, hints[key], where)
-            choices = _CHOICES.get((section_name, key))
+            choices = get_args(hints[key]) if get_origin(hints[key]) is Literal else \
+                fields_by_name[key].metadata.get("choices", ())
             if choices and value not in choices:
                 raise VlmHpcError(f"{where} is {value!r}; choose one of {', '.join(choices)}")
+            if (section_name, key) == ("model", "engine") and value not in engine_names():
+                raise VlmHpcError(f"{where} is {value!r}; choose one of {', '.join(engine_names())}")
             if (section_name, key) == ("generation", "tile_budget") and value is not None \
                     and value != "auto" and not (isinstance(value, int) and value > 0):
                 raise VlmHpcError(f"{where} is {value!r}; use a positive number of tiles, auto, or null")
-            if (section_name, key) in _POSITIVE and value <= 0:
+            if fields_by_name[key].metadata.get("positive") and value <= 0:
                 raise VlmHpcError(f"{where} must be positive, got {value}")
             setattr(section, key, value)
     return config

@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.errors import VlmHpcError, print_error
 from vlm_hpc.internvl.loading import NATIVE_METADATA_FILE, inspect_model_folder
 from vlm_hpc.internvl.weight_mapping import SplitShapes, map_tensor
 
@@ -45,7 +45,8 @@ def convert_folder(source: str | Path, destination: str | Path) -> Path:
         save_file(tensors, str(target / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
         print(f"convert: shard {number}/{total} -> {name} ({len(tensors)} tensors)", file=sys.stderr)
-    (target / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     folder.config.save_pretrained(target)
     for name in TOKENIZER_COPY:
         if (folder.path / name).is_file():
@@ -64,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         target = convert_folder(args.source, args.destination)
     except VlmHpcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return print_error(exc)
     print(target)
     return 0
 

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import errno
+import sys
 from pathlib import Path
+
+USER_ERROR_STATUS = 2  # what every command exits with when it refuses the user's input
 
 
 class VlmHpcError(Exception):
     """A problem with the user's input (files, config, data); printed as one line, never a traceback."""
+
+
+def print_error(exc: VlmHpcError) -> int:
+    """How every command reports a VlmHpcError: `error: ...` on stderr; returns the exit status to end with."""
+    print(f"error: {exc}", file=sys.stderr)
+    return USER_ERROR_STATUS
 
 
 class ImageRejected(VlmHpcError):

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.array_spec import format_indices
+from vlm_hpc.errors import VlmHpcError, print_error
 from vlm_hpc.run.checkpoint import CorruptIndex, SliceIndex
-from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import read_lease
 from vlm_hpc.run.manifest import load_manifest
@@ -42,26 +41,9 @@ class SliceStatus:
     reason: str | None
 
 
-def _slurm_states(job_ids: set[str]) -> dict[str, str]:
-    """One squeue call for all array tasks: {"A_t": STATE}."""
-    if not job_ids or not shutil.which("squeue"):
-        return {}
-    arrays = sorted({job.split("_")[0] for job in job_ids})
-    try:
-        result = subprocess.run(["squeue", "-h", "-r", "--states=all", "-j", ",".join(arrays), "-o", "%i|%T"],
-                                capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    states = {}
-    for line in result.stdout.splitlines():
-        job, _, state = line.partition("|")
-        states[job.strip()] = state.strip()
-    return states
-
-
 def _latest_jobs(layout: OutputLayout) -> dict[int, str]:
     jobs: dict[int, str] = {}
-    path = layout.root / "submissions.jsonl"
+    path = layout.submissions_file
     if path.exists():
         for line in path.read_bytes().decode(errors="replace").splitlines():
             try:
@@ -94,19 +76,19 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
     manifest = load_manifest(layout.manifest_file)
     count, num_rows = manifest.num_slices, manifest.num_rows
     jobs = _latest_jobs(layout)
-    slurm = _slurm_states(set(jobs.values()))
+    slurm_states = slurm.task_states(set(jobs.values()))
     now = time.time()
     statuses = []
     for index in range(count):
         start, stop = slice_bounds(num_rows, index, count)
         total = stop - start
+        slurm_state = slurm_states.get(jobs.get(index, ""))
         try:
             state = SliceIndex.load(layout.index_file(index))
         except CorruptIndex as exc:
-            statuses.append(SliceStatus(index, "corrupt", 0, total, 0, None, None, None, slurm.get(jobs.get(index, "")),
+            statuses.append(SliceStatus(index, "corrupt", 0, total, 0, None, None, None, slurm_state,
                                         f"{exc.problem}; run: {repair_command(layout)}"))
             continue
-        slurm_state = slurm.get(jobs.get(index, ""))
         heartbeat = None
         lease = read_lease(layout.lease_file(index))
         try:
@@ -152,7 +134,8 @@ def render(statuses: list[SliceStatus], num_rows: int) -> str:
                  + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     incomplete = resubmit_indices(statuses)
     if incomplete:
-        lines.append(f"resubmit what is incomplete: python -m vlm_hpc.submit --config ... --array {format_indices(incomplete)}")
+        lines.append("resubmit what is incomplete: python -m vlm_hpc.submit --config ... "
+                     f"--array {format_indices(incomplete)}")
     return "\n".join(lines)
 
 
@@ -171,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             statuses, num_rows = collect(args.output)
         except VlmHpcError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return print_error(exc)
         if args.json:
             print(json.dumps({"slices": [asdict(s) for s in statuses], "num_rows": num_rows,
                               "resubmit": format_indices(resubmit_indices(statuses))}))

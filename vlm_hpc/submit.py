@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
-import subprocess
 import sys
 import time
 import uuid
@@ -22,18 +20,17 @@ import submitit
 from submitit.core import utils as submitit_utils
 from submitit.slurm.slurm import SlurmJob
 
+from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.array_spec import ArraySpec, format_indices, parse_array, split_for_max_array_size
-from vlm_hpc.run.checkpoint import CorruptIndex, SliceIndex
 from vlm_hpc.config import RunConfig, load_config
-from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.errors import VlmHpcError, print_error
+from vlm_hpc.run.checkpoint import CorruptIndex, SliceIndex
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import live_holder
 from vlm_hpc.run.manifest import ensure_manifest, load_manifest
 from vlm_hpc.run.repair import repair_command
 from vlm_hpc.run.slice_run import check_inputs, run_slice
 from vlm_hpc.run.stop import StopRequest, resend_time_limit_warning
-
-SUBMISSIONS_FILE = "submissions.jsonl"
 
 
 class SliceJob(submitit.helpers.Checkpointable):
@@ -70,7 +67,13 @@ class SliceJob(submitit.helpers.Checkpointable):
 
 
 class SliceArrayExecutor(submitit.SlurmExecutor):
-    """submitit's Slurm executor, but the array's task ids are given (sparse ones too) instead of 0..n-1."""
+    """submitit's Slurm executor, but the array's task ids are given (sparse ones too) instead of 0..n-1.
+
+    It mirrors submitit 1.5's private `submitit.slurm.slurm.SlurmExecutor._internal_process_submissions` (its
+    array branch: pickle each delayed call, one sbatch for the array, a job per task) and calls its private
+    `_submit_command`; so pyproject pins submitit below 1.6, and a new submitit means comparing that method with
+    this one.
+    """
 
     task_ids: tuple[int, ...] = ()
     throttle: int | None = None
@@ -95,16 +98,6 @@ class SliceArrayExecutor(submitit.SlurmExecutor):
         for job, path in zip(jobs, pickles):
             job.paths.move_temporary_file(path, "submitted_pickle")
         return jobs
-
-
-def max_array_size() -> int:
-    """The cluster's MaxArraySize (largest array index + 1); Slurm's default 1001 when it cannot be read."""
-    try:
-        result = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
-        match = re.search(r"^MaxArraySize\s*=\s*(\d+)", result.stdout, re.MULTILINE)
-        return int(match.group(1)) if match else 1001
-    except (OSError, subprocess.TimeoutExpired):
-        return 1001
 
 
 def _slurm_executor(config: RunConfig, folder: Path) -> SliceArrayExecutor:
@@ -142,10 +135,9 @@ def _pending_slices(layout: OutputLayout, spec: ArraySpec, stale_seconds: float)
 def _set_aside_previous_run(layout: OutputLayout) -> None:
     """--force on a folder of another run: keep its bookkeeping, out of the way."""
     suffix = time.strftime("%Y%m%d-%H%M%S")
-    for name in ("state", "failures", "manifest.json"):
-        path = layout.root / name
+    for path in layout.run_bookkeeping():
         if path.exists():
-            path.rename(layout.root / f"{name}.previous-{suffix}")
+            path.rename(layout.set_aside(path, suffix))
 
 
 def _refuse_changes_while_running(layout: OutputLayout, rows, config: RunConfig, count: int, pins) -> None:
@@ -190,11 +182,11 @@ def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: 
     if not todo:
         print(f"nothing to submit: every slice of --array {spec} is complete or running in {layout.root}")
         return []
-    folder = layout.logs_dir / "submitit"
+    folder = layout.submitit_dir
     job = SliceJob(config, count, accept_changes)
     jobs: list = []
     if cluster == "slurm":
-        for offset, tasks in split_for_max_array_size(tuple(todo), max_array_size()):
+        for offset, tasks in split_for_max_array_size(tuple(todo), slurm.max_array_size()):
             executor = _slurm_executor(config, folder)
             executor.task_ids, executor.throttle = tasks, spec.throttle
             jobs += executor.map_array(job, [offset + task for task in tasks])
@@ -205,9 +197,9 @@ def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: 
         jobs = executor.map_array(job, todo)
     record = {"time": time.time(), "cluster": cluster, "array": str(spec), "num_slices": count,
               "jobs": {str(index): str(j.job_id) for index, j in zip(todo, jobs)}}
-    with open(layout.root / SUBMISSIONS_FILE, "a") as handle:
+    with open(layout.submissions_file, "a") as handle:
         handle.write(json.dumps(record) + "\n")
-    array_ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
+    array_ids = sorted({slurm.array_job_of(str(j.job_id)) for j in jobs})
     print(f"submitted slices {format_indices(todo)} of {count} on {cluster}: job {', '.join(array_ids)}")
     print(f"output: {layout.root}")
     print(f"watch:  python -m vlm_hpc.status {layout.root}" +
@@ -240,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         jobs = submit(config, parse_array(args.array), args.num_slices, cluster, args.force, args.accept_changes)
     except VlmHpcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return print_error(exc)
     if not args.wait or not jobs:
         return 0
     failed = 0

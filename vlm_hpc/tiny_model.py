@@ -46,12 +46,12 @@ def original_config() -> dict:
 
 def original_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor of an original InternVL-Chat-V1.5 checkpoint, by original name, with its shape."""
-    v, l = config["vision_config"], config["llm_config"]
+    v, llm = config["vision_config"], config["llm_config"]
     c, vi = v["hidden_size"], v["intermediate_size"]
     patches = (v["image_size"] // v["patch_size"]) ** 2
-    h, li, vocab = l["hidden_size"], l["intermediate_size"], l["vocab_size"]
-    head_dim = h // l["num_attention_heads"]
-    qkv_rows = (l["num_attention_heads"] + 2 * l["num_key_value_heads"]) * head_dim
+    h, li, vocab = llm["hidden_size"], llm["intermediate_size"], llm["vocab_size"]
+    head_dim = h // llm["num_attention_heads"]
+    qkv_rows = (llm["num_attention_heads"] + 2 * llm["num_key_value_heads"]) * head_dim
     shuffled = c * int(1 / config["downsample_ratio"]) ** 2
     shapes: dict[str, tuple[int, ...]] = {
         "vision_model.embeddings.class_embedding": (1, 1, c),
@@ -74,7 +74,7 @@ def original_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             f"{p}.mlp.fc1.weight": (vi, c), f"{p}.mlp.fc1.bias": (vi,),
             f"{p}.mlp.fc2.weight": (c, vi), f"{p}.mlp.fc2.bias": (c,),
         })
-    for i in range(l["num_hidden_layers"]):
+    for i in range(llm["num_hidden_layers"]):
         p = f"language_model.model.layers.{i}"
         shapes.update({
             f"{p}.attention.wqkv.weight": (qkv_rows, h), f"{p}.attention.wo.weight": (h, h),
@@ -96,7 +96,10 @@ def write_tiny_model(destination: str | Path, seed: int = 0) -> Path:
         is_scale = name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "mlp1.0.weight")) or ".ls" in name
         noise = torch.randn(shape, generator=generator)
         # Norm scales near 1 and small layer scales keep activations in range, like a trained model's.
-        tensors[name] = (1.0 + 0.1 * noise) if is_scale and ".ls" not in name else noise * (0.1 if ".ls" in name else 0.05)
+        if is_scale and ".ls" not in name:
+            tensors[name] = 1.0 + 0.1 * noise
+        else:
+            tensors[name] = noise * (0.1 if ".ls" in name else 0.05)
     save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
     (target / "config.json").write_text(json.dumps(config, indent=2))
     bundled = resources.files("vlm_hpc") / "assets" / "tiny_tokenizer"

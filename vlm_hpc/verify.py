@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -17,11 +16,13 @@ from pathlib import Path
 from vlm_hpc.run.checkpoint import CorruptIndex
 from vlm_hpc.run.committed import parse_record, read_slice_outputs
 from vlm_hpc.config import DataSection, WorkerSection
-from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.run.layout import OutputLayout, relpath_to_key
+from vlm_hpc.errors import VlmHpcError, print_error
+from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.cluster.environment import JobEnvironment
 from vlm_hpc.run.lease import SliceBusy, SliceLease
 from vlm_hpc.run.manifest import RunManifest, load_manifest
+from vlm_hpc.run.outputs import OUTPUT_FORMATS, output_format
+from vlm_hpc.run.outputs.base import OutputFormat, SliceKeys
 from vlm_hpc.run.repair import load_index, rebuild_index, repair_command
 from vlm_hpc.run.readers import RowReader, open_reader
 from vlm_hpc.run.slicing import slice_bounds
@@ -44,18 +45,6 @@ class Report:
     @property
     def ok(self) -> bool:
         return self.pending == 0 and not any(getattr(self, name) for name in PROBLEMS)
-
-
-def _caption_files(layout: OutputLayout) -> dict[str, Path]:
-    """Every captions/**.json by key (one directory walk, no stat per key)."""
-    found: dict[str, Path] = {}
-    root = layout.captions_dir
-    for folder, _dirs, files in os.walk(root):
-        for name in files:
-            if name.endswith(".json") and not name.startswith("."):
-                relative = os.path.relpath(os.path.join(folder, name), root)[: -len(".json")]
-                found[relpath_to_key(relative)] = Path(folder) / name
-    return found
 
 
 def _lease_record_problem(record: object) -> str | None:
@@ -89,12 +78,10 @@ def _open_run(output: str | Path) -> tuple[OutputLayout, RunManifest, RowReader]
     return layout, manifest, open_reader(DataSection(**manifest.data))
 
 
-def _has_outputs(layout: OutputLayout, number: int, keys: list[str | None]) -> bool:
+def _has_outputs(output: OutputFormat, rows: SliceKeys) -> bool:
     """Whether a slice without an index wrote anything (then its index was lost, not never written)."""
-    for path in (layout.caption_jsonl(number), layout.failures_file(number)):
-        if path.exists() and path.stat().st_size > 0:
-            return True
-    return any(layout.caption_json(key).exists() for key in keys if key)
+    ledger = output.layout.failures_file(output.slice_id)
+    return (ledger.exists() and ledger.stat().st_size > 0) or output.has_outputs(rows)
 
 
 def verify(output: str | Path) -> Report:
@@ -105,11 +92,11 @@ def verify(output: str | Path) -> Report:
         return str(path.relative_to(layout.root)) if path.is_relative_to(layout.root) else str(path)
     report = Report(rows=manifest.num_rows)
     all_keys = set(rows.keys(0, rows.num_rows))
-    files = _caption_files(layout) if manifest.output_format == "json" else {}
     captioned_keys: Counter[str] = Counter()
     for number in range(manifest.num_slices):
         start, stop = slice_bounds(manifest.num_rows, number, manifest.num_slices)
-        keys = rows.keys(start, stop)
+        keys = SliceKeys(start, rows.keys(start, stop), manifest.duplicate_rows)
+        output = output_format(manifest.output_format, layout, number)
         lease_problem = _lease_problem(layout.lease_file(number))
         if lease_problem:
             report.corrupt.append(f"{named(layout.lease_file(number))}: {lease_problem}")
@@ -123,19 +110,18 @@ def verify(output: str | Path) -> Report:
         if index is None:
             report.pending += stop - start
             report.slices[number] = "not started"
-            if _has_outputs(layout, number, keys):
+            if _has_outputs(output, keys):
                 report.corrupt.append(f"{named(layout.index_file(number))}: missing while the slice has outputs")
             continue
         report.slices[number] = index.status
-        outputs = read_slice_outputs(layout, manifest.output_format, number, start, keys, manifest.duplicate_rows,
-                                     index.captions_offset, index.failures_offset)
-        for scan in (outputs.captions, outputs.ledger):
-            if scan is not None:
-                report.corrupt += [f"{named(scan.path)} {item}" for item in scan.damage]
-        report.corrupt += [named(Path(item)) for item in outputs.damaged_files]
+        outputs = read_slice_outputs(output, keys, index)
+        line_damage = [d for d in outputs.captions.damage if not d.whole_file]
+        report.corrupt += [d.describe(named(d.path)) for d in line_damage]
+        report.corrupt += [f"{named(outputs.ledger.path)} {item}" for item in outputs.ledger.damage]
+        report.corrupt += [d.describe(named(d.path)) for d in outputs.captions.damage if d.whole_file]
         report.orphan += outputs.foreign_lines
         report.duplicate += outputs.repeated_lines
-        for offset, key in enumerate(keys):
+        for offset, key in enumerate(keys.keys):
             row = start + offset
             if not index.is_done(row):
                 report.pending += 1
@@ -147,7 +133,7 @@ def verify(output: str | Path) -> Report:
             else:
                 report.lost.append(f"row {row} key {key!r}")
     report.duplicate += [f"key {k!r} committed by {n} rows" for k, n in captioned_keys.items() if n > 1]
-    report.orphan += [f"{path}" for key, path in files.items() if key not in all_keys]
+    report.orphan += OUTPUT_FORMATS[manifest.output_format].orphans(layout, all_keys)  # the manifest checked it
     return report
 
 
@@ -166,7 +152,8 @@ def repair(output: str | Path, stale_seconds: float) -> tuple[list[str], bool]:
         except CorruptIndex as exc:
             why = exc.problem
         keys = rows.keys(start, stop)
-        if why == "missing" and not _has_outputs(layout, number, keys):
+        output = output_format(manifest.output_format, layout, number)
+        if why == "missing" and not _has_outputs(output, SliceKeys(start, keys, manifest.duplicate_rows)):
             continue
         # Take the slice's lease for the rebuild, so that no worker starts on the slice while it runs.
         lease = SliceLease(layout.lease_file(number), JobEnvironment.current(), stale_seconds)
@@ -178,8 +165,7 @@ def repair(output: str | Path, stale_seconds: float) -> tuple[list[str], bool]:
             continue
         try:
             with lease.fenced():
-                index = rebuild_index(layout, manifest.output_format, number, manifest.num_slices, start, keys,
-                                      manifest.duplicate_rows, why)
+                index = rebuild_index(output, manifest.num_slices, start, keys, manifest.duplicate_rows, why)
         finally:
             lease.release()
         lines.append(f"rebuilt {path} ({why}) from its outputs: {index.finished_rows}/{index.total} rows done, "
@@ -204,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(line, file=sys.stderr)
         report = verify(args.output)
     except VlmHpcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return print_error(exc)
     if args.json:
         print(json.dumps({**asdict(report), "ok": report.ok}, ensure_ascii=False, indent=1))
     else:

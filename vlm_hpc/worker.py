@@ -23,19 +23,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="go on although settings pinned in OUTPUT/manifest.json changed (recorded there)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. generation.batch_size=8")
     args = parser.parse_args(argv)
+    from vlm_hpc.cluster import slurm
+    from vlm_hpc.cluster.environment import JobEnvironment
     from vlm_hpc.config import load_config
-    from vlm_hpc.errors import VlmHpcError
-    from vlm_hpc.cluster.environment import JobEnvironment, requeue_this_task
+    from vlm_hpc.errors import VlmHpcError, print_error
     from vlm_hpc.run.slice_run import run_slice
 
     try:
         config = load_config(args.config, args.overrides)
         outcome = run_slice(config, args.slice, args.num_slices, accept_changes=args.accept_changes)
     except VlmHpcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return print_error(exc)
     if outcome.status == "requeue":
-        print(requeue_this_task(JobEnvironment.current()), file=sys.stderr)
+        print(slurm.requeue(JobEnvironment.current().slurm_task), file=sys.stderr)
         return 3
     return 0
 

@@ -1,1 +1,1 @@
-"""Where a task runs: its Slurm environment and array specs."""
+"""Where a task runs: its Slurm environment, array specs, and every Slurm command (squeue, scontrol)."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from dataclasses import asdict, dataclass
+
+from vlm_hpc.cluster import slurm
 
 
 @dataclass(frozen=True)
@@ -31,25 +32,13 @@ class JobEnvironment:
     @property
     def slurm_task(self) -> str | None:
         """The id `scancel`/`scontrol requeue` take for this task: ARRAYJOB_TASK, or the plain job id."""
-        if self.array_job_id and self.array_task_id:
-            return f"{self.array_job_id}_{self.array_task_id}"
-        return self.job_id
+        return slurm.task_id(self.job_id, self.array_job_id, self.array_task_id)
 
     def describe(self) -> str:
-        slurm = f", Slurm job {self.slurm_task} (restart {self.restart_count})" if self.slurm_task else ""
+        job = f", Slurm job {self.slurm_task} (restart {self.restart_count})" if self.slurm_task else ""
         gpus = f", CUDA_VISIBLE_DEVICES={self.cuda_visible_devices}" if self.cuda_visible_devices is not None else ""
-        return f"host {self.host} pid {self.pid}{slurm}{gpus}"
+        return f"host {self.host} pid {self.pid}{job}{gpus}"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def requeue_this_task(environment: JobEnvironment) -> str:
-    """Ask Slurm to requeue this array task (it restarts with the same index and resumes); returns what happened."""
-    task = environment.slurm_task
-    if not task:
-        return "not under Slurm: nothing to requeue; run the same command again to resume"
-    result = subprocess.run(["scontrol", "requeue", task], capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        return f"scontrol requeue {task} failed: {result.stderr.strip() or result.stdout.strip()}"
-    return f"requeued Slurm task {task}"

@@ -10,58 +10,35 @@ their tiles at once.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+import transformers
 from transformers import GenerationConfig, InternVLForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vlm_hpc.engines.base import Caption, Engine, EngineOutOfMemory, GenerationSettings, MemoryCosts
 from vlm_hpc.internvl.loading import inspect_model_folder, load_model
 from vlm_hpc.internvl.prompt import CAPTION_QUESTION, STOP_TOKEN, build_prompt
-from vlm_hpc.preprocess.tiling import normalize
 from vlm_hpc.internvl.tokenizer import InternLM2Tokenizer, load_tokenizer
+from vlm_hpc.preprocess.tiling import normalize
+
+if TYPE_CHECKING:
+    from vlm_hpc.config import RunConfig
 
 # The original's generation config comes from the InternLM2 config, whose top_k is transformers' default 50.
 ORIGINAL_TOP_K = 50
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How captions are sampled; the defaults are the seed's (ROVI) settings."""
-
-    do_sample: bool = True
-    temperature: float = 0.6
-    top_p: float = 0.7
-    max_new_tokens: int = 168
-    num_beams: int = 1
-    seed: int = 0
-
-    def generation_config(self, stop_id: int, pad_id: int, bos_id: int) -> GenerationConfig:
-        sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": ORIGINAL_TOP_K} if self.do_sample else {}
-        return GenerationConfig(
-            max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, num_beams=self.num_beams,
-            eos_token_id=stop_id, pad_token_id=pad_id, bos_token_id=bos_id, **sampling,
-        )
-
-
-@dataclass(frozen=True)
-class Caption:
-    """One generated caption: the text and the generated ids up to and including the stop token."""
-
-    text: str
-    token_ids: list[int]
-    stopped: bool  # False when it ran into max_new_tokens
-
-
-@dataclass(frozen=True)
-class MemoryCosts:
-    """Accelerator bytes a batch needs beyond the weights, per tile and per image (KV cache plus prefill
-    activations), and for one vision micro-batch."""
-
-    tile_bytes: int
-    image_bytes: int
-    vision_workspace_bytes: int
+def generation_config(settings: GenerationSettings, stop_id: int, pad_id: int, bos_id: int) -> GenerationConfig:
+    """transformers' GenerationConfig for `settings`, as the original's: sampling adds top_k 50."""
+    sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": ORIGINAL_TOP_K} \
+        if settings.do_sample else {}
+    return GenerationConfig(
+        max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, num_beams=settings.num_beams,
+        eos_token_id=stop_id, pad_token_id=pad_id, bos_token_id=bos_id, **sampling,
+    )
 
 
 # Prefill's transient activations per token (MLP gate, up and product, a few hidden-size buffers) relative to
@@ -108,7 +85,8 @@ def memory_costs(model: InternVLForConditionalGeneration, tokens_per_tile: int, 
     per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * element * (1 + PREFILL_OVER_CACHE)
     vision_tokens = (vision.image_size[0] // vision.patch_size[0]) ** 2 + 1 \
         if isinstance(vision.image_size, (list, tuple)) else (vision.image_size // vision.patch_size) ** 2 + 1
-    workspace = vision_batch * vision_tokens * (vision.hidden_size + vision.intermediate_size) * element * VISION_BUFFERS
+    per_vision_token = (vision.hidden_size + vision.intermediate_size) * element * VISION_BUFFERS
+    workspace = vision_batch * vision_tokens * per_vision_token
     return MemoryCosts(tile_bytes=int(tokens_per_tile * per_token),
                        image_bytes=int((text_tokens + max_new_tokens) * per_token),
                        vision_workspace_bytes=int(workspace))
@@ -125,18 +103,18 @@ class _PollDuringGeneration(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-class CaptionEngine:
-    """A loaded model and tokenizer that turn lists of uint8 tile tensors into captions."""
+class TransformersEngine(Engine):
+    """InternVL-Chat-V1.5 on transformers' native classes: a loaded model and tokenizer that turn lists of uint8
+    tile tensors into captions."""
 
     def __init__(self, model: InternVLForConditionalGeneration, tokenizer: InternLM2Tokenizer, *,
-                 system_message: str, question: str = CAPTION_QUESTION,
-                 settings: GenerationSettings = GenerationSettings(), num_image_token: int = 256,
-                 vision_batch: int | None = None) -> None:
+                 system_message: str, question: str = CAPTION_QUESTION, settings: GenerationSettings | None = None,
+                 num_image_token: int = 256, vision_batch: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.system_message = system_message
         self.question = question
-        self.settings = settings
+        self.settings = settings or GenerationSettings()
         self.num_image_token = num_image_token
         self.vision_batch = vision_batch
         self.stop_id = tokenizer.token_to_id(STOP_TOKEN)
@@ -146,14 +124,27 @@ class CaptionEngine:
     @classmethod
     def from_folder(cls, path: str | Path, *, dtype: torch.dtype | str = torch.bfloat16, device: str = "cpu",
                     question: str = CAPTION_QUESTION, system_message: str | None = None,
-                    settings: GenerationSettings = GenerationSettings(),
-                    attn_implementation: str = "sdpa", vision_batch: int | None = None) -> CaptionEngine:
+                    settings: GenerationSettings | None = None,
+                    attn_implementation: str = "sdpa", vision_batch: int | None = None) -> TransformersEngine:
         """Load a model folder; the system message defaults to what the original takes from config.json."""
         folder = inspect_model_folder(path)
         model = load_model(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)
         return cls(model, load_tokenizer(path), system_message=system_message or folder.system_message,
                    question=question, settings=settings, num_image_token=folder.num_image_token,
                    vision_batch=vision_batch)
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> TransformersEngine:
+        """Load the model the config names, on the GPU when there is one (float32 on the CPU, whatever
+        model.dtype says)."""
+        device = config.model.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = config.model.dtype if device != "cpu" else "float32"
+        return cls.from_folder(config.model.path, dtype=dtype, device=device, question=config.prompt.question,
+                               system_message=config.prompt.system_message, settings=config.generation.settings(),
+                               attn_implementation=config.model.attn_implementation,
+                               vision_batch=config.generation.vision_batch)
 
     def prompt(self, num_tiles: int) -> str:
         """The exact prompt string for an image of `num_tiles` tiles."""
@@ -163,20 +154,25 @@ class CaptionEngine:
     def caption(self, tiles: list[torch.Tensor], settings: GenerationSettings | None = None,
                 poll: Callable[[], None] | None = None) -> list[Caption]:
         """Caption a batch of images, each given as uint8 tiles [n_i, 3, 448, 448]; `poll` runs after every
-        decoding step and may raise to abandon the batch."""
+        decoding step and may raise to abandon the batch. CUDA's out-of-memory error empties the allocator's
+        cache and is raised as EngineOutOfMemory."""
         if not tiles:
             return []
         settings = settings or self.settings
         batch = self.tokenizer.encode_batch([self.prompt(t.shape[0]) for t in tiles])
         if settings.do_sample:
             torch.manual_seed(settings.seed)
-        new_tokens = generate_new_tokens(
-            self.model, torch.tensor(batch.input_ids, dtype=torch.long), torch.tensor(batch.attention_mask),
-            torch.cat([t.to(self.device, non_blocking=True) for t in tiles]),  # from pinned memory: async
-            settings.generation_config(self.stop_id, self.tokenizer.pad_id, self.tokenizer.bos_id),
-            vision_batch=self.vision_batch,
-            stopping_criteria=StoppingCriteriaList([_PollDuringGeneration(poll)]) if poll else None,
-        )
+        try:
+            new_tokens = generate_new_tokens(
+                self.model, torch.tensor(batch.input_ids, dtype=torch.long), torch.tensor(batch.attention_mask),
+                torch.cat([t.to(self.device, non_blocking=True) for t in tiles]),  # from pinned memory: async
+                generation_config(settings, self.stop_id, self.tokenizer.pad_id, self.tokenizer.bos_id),
+                vision_batch=self.vision_batch,
+                stopping_criteria=StoppingCriteriaList([_PollDuringGeneration(poll)]) if poll else None,
+            )
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()  # what the failed batch held goes back, for the smaller retry
+            raise EngineOutOfMemory(str(exc).splitlines()[0] if str(exc) else "CUDA out of memory") from None
         return [self._finish(row) for row in new_tokens.tolist()]
 
     def memory_costs(self) -> MemoryCosts:
@@ -188,6 +184,16 @@ class CaptionEngine:
     def free_memory(self) -> int | None:
         """Free bytes on the model's accelerator, None on the CPU."""
         return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+
+    @property
+    def pins_tiles(self) -> bool:
+        """Tiles bound for a CUDA device come in page-locked memory, so the copy in `caption` is asynchronous."""
+        return self.device.type == "cuda"
+
+    def describe(self) -> dict[str, str]:
+        """Device, dtype, the torch and transformers versions and the system message, for the stamp."""
+        return {"device": str(self.device), "dtype": str(self.dtype), "transformers": transformers.__version__,
+                "torch": torch.__version__, "system_message": self.system_message}
 
     def _finish(self, row: list[int]) -> Caption:
         stopped = self.stop_id in row

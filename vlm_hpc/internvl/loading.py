@@ -143,7 +143,8 @@ def iter_native_tensors(folder: ModelFolder):
 
 
 def load_model(path: str | Path | ModelFolder, dtype: torch.dtype | str = torch.bfloat16,
-               device: str | torch.device = "cpu", attn_implementation: str = "sdpa") -> InternVLForConditionalGeneration:
+               device: str | torch.device = "cpu",
+               attn_implementation: str = "sdpa") -> InternVLForConditionalGeneration:
     """Load an InternVL-Chat-V1.5 folder (original or native layout) strictly: every checkpoint tensor used,
     every model tensor filled, else an error naming the keys."""
     folder = path if isinstance(path, ModelFolder) else inspect_model_folder(path)

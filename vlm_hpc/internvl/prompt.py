@@ -16,7 +16,7 @@ SEPARATOR = "<|im_end|>"
 STOP_TOKEN = SEPARATOR  # batch_chat stops generation on the template separator only
 
 # The `internlm2-chat` template's default system message at current InternVL (used when config.json has none).
-DEFAULT_SYSTEM_MESSAGE = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+DEFAULT_SYSTEM_MESSAGE = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"  # noqa: E501 (verbatim)
 # The V1.5-era message (InternVL a08ba33/e81aac3, lmdeploy's V1.5 template), for users who want that vintage.
 V15_ENGLISH_SYSTEM_MESSAGE = "You are an AI assistant whose name is InternLM (书生·浦语)."
 

@@ -33,10 +33,12 @@ _TRUNCATION_LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """An RGB picture ready for tiling, and whether its file was cut short (decoded partly, rest black)."""
+    """An RGB picture ready for tiling, whether its file was cut short (decoded partly, rest black), and the
+    file's format as Pillow names it ("PNG", "JPEG", ...)."""
 
     image: Image.Image
     truncated: bool
+    format: str | None
 
 
 def decode_image(data: bytes | None, max_pixels: int = MAX_PIXELS) -> DecodedImage:
@@ -64,11 +66,12 @@ def decode_image(data: bytes | None, max_pixels: int = MAX_PIXELS) -> DecodedIma
         raise ImageRejected("undecodable", f"image has a zero dimension ({width}x{height})")
     fast = _decode_plain_png(opened, data)
     if fast is not None:
-        return DecodedImage(image=_to_rgb(fast), truncated=False)
+        return DecodedImage(image=_to_rgb(fast), truncated=False, format=opened.format)
+    file_format = opened.format
     truncated = _load_pixels(opened, data)
     if truncated:
         opened = _load_truncated(data)
-    return DecodedImage(image=_to_rgb(opened), truncated=truncated)
+    return DecodedImage(image=_to_rgb(opened), truncated=truncated, format=file_format)
 
 
 def _decode_plain_png(opened: Image.Image, data: bytes) -> Image.Image | None:

@@ -34,7 +34,8 @@ def resize_into_tiles(image: Image.Image, targets: Sequence[tuple[int, int, torc
     source = _pixel_buffer(image) if _bicubic is not None and not use_pillow else None
     for cols, rows, tiles in targets:
         tile = tiles.shape[-1]
-        if tiles.dtype != torch.uint8 or tuple(tiles.shape) != (rows * cols, 3, tile, tile) or not tiles.is_contiguous():
+        expected_shape = (rows * cols, 3, tile, tile)
+        if tiles.dtype != torch.uint8 or tuple(tiles.shape) != expected_shape or not tiles.is_contiguous():
             raise ValueError(f"need contiguous uint8 tiles [{rows * cols}, 3, T, T], got {tiles.dtype} "
                              f"{tuple(tiles.shape)}")
         if source is not None:

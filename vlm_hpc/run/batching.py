@@ -3,12 +3,17 @@
 A 41-tile image is ten times the work and the KV cache of a 4-tile one, so with `generation.tile_budget` a
 batch takes images until their tiles (thumbnails included) reach the budget, at most `generation.batch_size`
 images. Images are sorted by tile count first: equal tile counts mean equal prompt lengths, so left padding
-(wasted prefill and cache) nearly vanishes. Pure functions over (row, tiles) pairs; the worker owns the I/O.
+(wasted prefill and cache) nearly vanishes. Pure functions over items and their tile counts; the worker owns
+the I/O.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
@@ -23,20 +28,21 @@ class BatchLimits:
         return images <= self.max_images and (self.max_tiles is None or tiles <= self.max_tiles)
 
 
-def plan_batches(items: list[tuple[int, int]], limits: BatchLimits) -> list[list[int]]:
-    """Rows grouped into batches. `items` are (row, tiles). Without a tile budget: row order, `max_images`
-    per batch. With one: sorted by (tiles, row), each batch filled greedily up to the limits."""
+def plan_batches(items: Sequence[Item], limits: BatchLimits, tile_count: Callable[[Item], int]) -> list[list[Item]]:
+    """Items grouped into batches. Without a tile budget: in the order given, `max_images` per batch. With one:
+    sorted by tile count (ties keep the order given, which is row order), each batch filled greedily up to the
+    limits."""
     if limits.max_tiles is None:
-        rows = [row for row, _ in items]
-        return [rows[i:i + limits.max_images] for i in range(0, len(rows), limits.max_images)]
-    batches: list[list[int]] = []
-    current: list[int] = []
+        return [list(items[i:i + limits.max_images]) for i in range(0, len(items), limits.max_images)]
+    batches: list[list[Item]] = []
+    current: list[Item] = []
     tiles = 0
-    for row, count in sorted(items, key=lambda item: (item[1], item[0])):
+    for item in sorted(items, key=tile_count):
+        count = tile_count(item)
         if current and not limits.fits(len(current) + 1, tiles + count):
             batches.append(current)
             current, tiles = [], 0
-        current.append(row)
+        current.append(item)
         tiles += count
     if current:
         batches.append(current)
@@ -50,29 +56,30 @@ def split_windows(rows: list[int], limits: BatchLimits, sort_window: int) -> lis
 
 
 @dataclass
-class BatchPlanner:
-    """Batches across consecutive windows of prepared rows: with a tile budget, the last batch of a window,
-    when it still has room, is held back and planned again with the next window, so that batches stay full."""
+class BatchPlanner(Generic[Item]):
+    """Batches across consecutive windows of items (prepared rows, or anything with a tile count): with a tile
+    budget, the last batch of a window, when it still has room, is held back and planned again with the next
+    window, so that batches stay full. It hands back the items themselves; the caller keeps no copy of what is
+    held."""
 
     limits: BatchLimits
-    held: list[tuple[int, int]] = field(default_factory=list)
+    tile_count: Callable[[Item], int]
+    held: list[Item] = field(default_factory=list)
 
-    def add(self, items: list[tuple[int, int]]) -> list[list[int]]:
-        """Batches ready to run from `items` (row, tiles) plus what was held back."""
-        pool = self.held + items
-        batches = plan_batches(pool, self.limits)
+    def add(self, items: list[Item]) -> list[list[Item]]:
+        """Batches ready to run from `items` (in row order) plus what was held back."""
+        pool = self.held + items  # held items come from earlier windows: the pool stays in row order per tile count
+        batches = plan_batches(pool, self.limits, self.tile_count)
         self.held = []
         if self.limits.max_tiles is not None and batches:
-            tiles = dict(pool)
             last = batches[-1]
-            if self.limits.fits(len(last) + 1, sum(tiles[row] for row in last) + 1):  # room for one more image
-                batches.pop()
-                self.held = [(row, tiles[row]) for row in last]
+            if self.limits.fits(len(last) + 1, sum(map(self.tile_count, last)) + 1):  # room for one more image
+                self.held = batches.pop()
         return batches
 
-    def flush(self) -> list[list[int]]:
+    def flush(self) -> list[list[Item]]:
         """Whatever is held back, as batches (at the end of the slice)."""
-        batches = plan_batches(self.held, self.limits)
+        batches = plan_batches(self.held, self.limits, self.tile_count)
         self.held = []
         return batches
 

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
-from vlm_hpc.run.durable import write_json_atomic
 from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.run.durable import write_json_atomic
+
+# What a slice's index records about it; `vlm_hpc.status` derives "stalled" and "corrupt" on top.
+CheckpointStatus = Literal["pending", "running", "stopped", "requeued", "done", "crashed"]
 
 
 class CorruptIndex(VlmHpcError):
@@ -67,10 +72,10 @@ class SliceIndex:
     done: list[list[int]] = field(default_factory=list)
     captions: int = 0
     failures: int = 0
-    captions_offset: int = 0  # committed size of the slice's jsonl file (format jsonl)
+    captions_offset: int = 0  # output-format state: committed size of the slice's jsonl file (only jsonl uses it)
     failures_offset: int = 0  # committed size of the failure ledger
     sample_images: int = 0
-    status: str = "pending"  # pending | running | stopped | requeued | done | crashed
+    status: CheckpointStatus = "pending"
     stop_reason: str | None = None
     attempts: int = 0
     started_at: float | None = None
@@ -152,14 +157,21 @@ class SliceIndex:
         self.updated_at = time.time()
         write_json_atomic(path, asdict(self))
 
-    def commit(self, path: Path, rows: list[int], captions: int, failures: int, captions_offset: int,
+    def record_output_state(self, state: Mapping[str, int]) -> None:
+        """Set the fields the output format owns (`run.outputs`; jsonl: captions_offset) to what it returned."""
+        for name, value in state.items():
+            if name not in _OUTPUT_STATE_FIELDS:
+                raise ValueError(f"output-format state {name!r} is not an index field of {_OUTPUT_STATE_FIELDS}")
+            setattr(self, name, value)
+
+    def commit(self, path: Path, rows: list[int], captions: int, failures: int, output_state: Mapping[str, int],
                failures_offset: int, samples: int, seconds: float) -> None:
-        """Mark rows finished and record the new committed file sizes, atomically."""
+        """Mark rows finished and record the output format's new state and the ledger's size, atomically."""
         for start, stop in _runs(rows):
             self.done = add_interval(self.done, start, stop)
         self.captions += captions
         self.failures += failures
-        self.captions_offset = captions_offset
+        self.record_output_state(output_state)
         self.failures_offset = failures_offset
         self.sample_images += samples
         self.compute_seconds += seconds
@@ -179,6 +191,7 @@ def _has_type(value: object, expected: tuple[str, tuple[type, ...]]) -> bool:
     return isinstance(value, types)
 
 
+_OUTPUT_STATE_FIELDS = ("captions_offset",)  # the fields an output format may own (stored names never change)
 _INT = ("an integer", (int,))
 _NUMBER = ("a number", (int, float))
 _OPTIONAL_NUMBER = ("a number or null", (int, float, type(None)))

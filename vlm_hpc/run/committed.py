@@ -1,6 +1,6 @@
-"""Reading a slice's committed outputs back: which rows have an intact caption or failure-ledger line, and
-what is damaged where. The resume check (`repair`), `verify` and `verify --repair` all read through here;
-nothing in this module writes.
+"""Reading a slice's committed outputs back: which rows have an intact caption (read by the run's output format,
+`run.outputs`) or failure-ledger line, and what is damaged where. The resume check (`repair`), `verify` and
+`verify --repair` all read through here; nothing in this module writes.
 
 An append-only file (captions/slice_I.jsonl, failures/slice_I.jsonl) is intact up to its committed offset
 when every line there ends in a newline and is a valid record. Damage is described per line, with its byte
@@ -13,41 +13,22 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vlm_hpc.run.layout import OutputLayout
+from vlm_hpc.run.checkpoint import SliceIndex
+
+if TYPE_CHECKING:  # the output formats build on this module's scans
+    from vlm_hpc.run.outputs.base import CommittedCaptions, OutputFormat, SliceKeys
 
 NUL, NEWLINE = b"\0", b"\n"
 RecordCheck = Callable[[object], "str | None"]
-
-
-def caption_body_problem(body: object) -> str | None:
-    """What is wrong with a caption as `{"web_caption", "vlm_caption"}` (a json file, or a jsonl line's fields)."""
-    if not isinstance(body, dict):
-        return f"a JSON {type(body).__name__}, not an object"
-    if not isinstance(body.get("vlm_caption"), str) or body["vlm_caption"] == "":
-        return "vlm_caption is missing, empty or not a string"
-    if "web_caption" not in body:
-        return "web_caption is missing"
-    if not isinstance(body["web_caption"], (str, type(None))):
-        return "web_caption is not a string"
-    return None
-
-
-def caption_line_problem(record: object) -> str | None:
-    """What is wrong with a captions jsonl record `{"key", "web_caption", "vlm_caption", "row"}`."""
-    problem = caption_body_problem(record)
-    if problem is None and not isinstance(record.get("key"), str):
-        problem = "key is missing or not a string"
-    if problem is None and not _is_row(record.get("row")):
-        problem = "row is missing or not a non-negative integer"
-    return problem
 
 
 def ledger_line_problem(record: object) -> str | None:
     """What is wrong with a failure-ledger record `{"row", "key", "reason", "detail", "captioned", "time"}`."""
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an object"
-    if not _is_row(record.get("row")):
+    if not is_row(record.get("row")):
         return "row is missing or not a non-negative integer"
     if not isinstance(record.get("reason"), str):
         return "reason is missing or not a string"
@@ -58,7 +39,8 @@ def ledger_line_problem(record: object) -> str | None:
     return None
 
 
-def _is_row(value: object) -> bool:
+def is_row(value: object) -> bool:
+    """Whether a record's `row` is a row number."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -153,69 +135,36 @@ def scan_append_only(path: Path, committed: int | None, check: RecordCheck) -> A
 
 @dataclass
 class SliceOutputs:
-    """What a slice's committed outputs say, row by row."""
+    """What a slice's committed outputs say, row by row: its captions (in the run's output format) and its ledger."""
 
-    captions: AppendOnlyFile | None  # the jsonl file (output.format jsonl)
+    captions: CommittedCaptions
     ledger: AppendOnlyFile
-    captioned: set[int]  # rows with an intact caption (jsonl line or json file)
     failed: set[int]  # rows with an intact ledger line and no caption
-    caption_lines: dict[int, Line]  # jsonl: the line kept for each captioned row
     ledger_lines: dict[int, Line]  # the ledger line kept for each row
     foreign_lines: list[str]  # intact lines for no row of this slice (a key that is not the row's)
     repeated_lines: list[str]  # intact lines for a row that already has one
-    damaged_files: list[str]  # json format: caption files that exist but are damaged ("path: what")
+
+    @property
+    def captioned(self) -> set[int]:
+        """Rows with an intact caption."""
+        return self.captions.rows
 
 
-def read_slice_outputs(layout: OutputLayout, output_format: str, number: int, start: int, keys: list[str | None],
-                       duplicate_rows: dict[str, int], captions_offset: int | None,
-                       failures_offset: int | None) -> SliceOutputs:
-    """Read slice `number` (rows start.. with `keys`) back; offsets None read the whole files (no index)."""
-    stop = start + len(keys)
-    captioned: set[int] = set()
-    caption_lines: dict[int, Line] = {}
-    foreign: list[str] = []
-    repeated: list[str] = []
-    damaged_files: list[str] = []
-    captions = None
-    if output_format == "jsonl":
-        captions = scan_append_only(layout.caption_jsonl(number), captions_offset, caption_line_problem)
-        for line in captions.lines:
-            row, key = line.record["row"], line.record["key"]
-            where = f"{captions.path.name} bytes {line.start}-{line.end}"
-            if not start <= row < stop or keys[row - start] != key:
-                foreign.append(f"{where}: key {key!r} is not row {row} of this slice")
-            elif row in caption_lines:
-                repeated.append(f"{where}: row {row} (key {key!r}) again")
-            else:
-                caption_lines[row] = line
-        captioned = set(caption_lines)
-    else:
-        for offset, key in enumerate(keys):
-            row = start + offset
-            if not key or str(row) in duplicate_rows:  # such rows are failures; another row owns the key
-                continue
-            path = layout.caption_json(key)
-            try:
-                problem = parse_record(path.read_bytes(), caption_body_problem)[1]
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                problem = f"unreadable ({exc.strerror})"
-            if problem:
-                damaged_files.append(f"{path}: {problem}")
-            else:
-                captioned.add(row)
-    ledger = scan_append_only(layout.failures_file(number), failures_offset, ledger_line_problem)
+def read_slice_outputs(output: OutputFormat, rows: SliceKeys, index: SliceIndex | None) -> SliceOutputs:
+    """Read the slice of `output` (its `rows`) back, up to what `index` committed (None: no index, whole files)."""
+    captions = output.read(rows, index)
+    ledger = scan_append_only(output.layout.failures_file(output.slice_id),
+                              None if index is None else index.failures_offset, ledger_line_problem)
     ledger_lines: dict[int, Line] = {}
+    foreign, repeated = list(captions.foreign), list(captions.repeated)
     for line in ledger.lines:
         row = line.record["row"]
         where = f"{ledger.path.name} bytes {line.start}-{line.end}"
-        if not start <= row < stop:
+        if not rows.start <= row < rows.stop:
             foreign.append(f"{where}: row {row} is not in this slice")
         elif row in ledger_lines:
             repeated.append(f"{where}: row {row} again")
         else:
             ledger_lines[row] = line
-    failed = {row for row, line in ledger_lines.items() if not line.record["captioned"] and row not in captioned}
-    return SliceOutputs(captions, ledger, captioned, failed, caption_lines, ledger_lines, foreign, repeated,
-                       damaged_files)
+    failed = {row for row, line in ledger_lines.items() if not line.record["captioned"] and row not in captions.records}
+    return SliceOutputs(captions, ledger, failed, ledger_lines, foreign, repeated)

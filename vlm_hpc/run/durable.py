@@ -83,15 +83,15 @@ def write_many_atomic(items: list[tuple[Path, bytes]], temp_dir: Path) -> None:
             for temporary in temporaries:
                 with open(temporary, "rb+") as handle:
                     os.fsync(handle.fileno())
+        folders = set()
+        for temporary, (path, _) in zip(temporaries, items):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temporary, path)
+            folders.add(path.parent)
     except BaseException:
-        for temporary in temporaries:
+        for temporary in temporaries:  # those not renamed yet (a renamed one is gone from temp_dir)
             _remove_quietly(temporary)
         raise
-    folders = set()
-    for temporary, (path, _) in zip(temporaries, items):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(temporary, path)
-        folders.add(path.parent)
     for folder in folders:
         fsync_dir(folder)
 

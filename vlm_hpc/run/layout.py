@@ -8,12 +8,17 @@
     OUTPUT/kill{I}.txt             touch it to stop slice I gracefully (the seed's kill file)
     OUTPUT/state/slice_{I}.json    checkpoint index; state/slice_{I}.lease: who runs it (+ .lease.lock)
     OUTPUT/state/slice_{I}.reserve 64 KiB kept free for recording a crash on a full disk
+    OUTPUT/state/.write_probe      written and removed by the start-up check that the folder is writable
     OUTPUT/failures/slice_{I}.jsonl  rows that could not be captioned, with the reason
     OUTPUT/tmp/slice_{I}/          files being written (renamed into place when complete; cleared on resume)
     OUTPUT/stamps/slice_{I}.json   reproducibility stamp of each attempt
     OUTPUT/logs/slice_{I}.log      the worker's log (appended across requeues)
+    OUTPUT/logs/submitit/          submitit's pickles and its own logs of each array task
     OUTPUT/manifest.json           dataset and slice fingerprints, slicing, pinned settings, fixed at the first run
+    OUTPUT/.manifest.{pid}.tmp     the first start's manifest, linked into place (the first writer wins)
     OUTPUT/manifest.lock           held while a start updates the manifest
+    OUTPUT/submissions.jsonl       one line per submit: cluster, --array, and each slice's job id
+    OUTPUT/{state,failures,manifest.json}.previous-{time}  another run's bookkeeping, set aside by submit --force
 
 Keys are untrusted. A key that is a plain safe file name is used as is; any other key is percent-encoded
 behind a leading "%" (so the encoding is reversible and cannot collide with a plain key), and encoded names
@@ -101,11 +106,20 @@ class OutputLayout:
         """Space kept for recording a crash when the disk is full (deleted to make that room)."""
         return self.state_dir / f"{self.slice_name(index)}.reserve"
 
+    @property
+    def write_probe(self) -> Path:
+        """A file the start-up check writes and removes: the folder is writable before any work starts."""
+        return self.state_dir / ".write_probe"
+
     def temp_dir(self, index: int) -> Path:
         return self.root / "tmp" / self.slice_name(index)
 
+    @property
+    def failures_dir(self) -> Path:
+        return self.root / "failures"
+
     def failures_file(self, index: int) -> Path:
-        return self.root / "failures" / f"{self.slice_name(index)}.jsonl"
+        return self.failures_dir / f"{self.slice_name(index)}.jsonl"
 
     def stamp_file(self, index: int) -> Path:
         return self.root / "stamps" / f"{self.slice_name(index)}.json"
@@ -123,9 +137,32 @@ class OutputLayout:
         return self.logs_dir / f"{self.slice_name(index)}.log"
 
     @property
+    def submitit_dir(self) -> Path:
+        """submitit's folder: the pickled jobs and submitit's own logs of each array task."""
+        return self.logs_dir / "submitit"
+
+    @property
+    def submissions_file(self) -> Path:
+        """One JSON line per submission (status reads the latest Slurm job of each slice from it)."""
+        return self.root / "submissions.jsonl"
+
+    @property
     def manifest_file(self) -> Path:
         return self.root / "manifest.json"
+
+    def manifest_temporary(self, pid: int) -> Path:
+        """Where process `pid` writes the first manifest before linking it into place."""
+        return self.root / f".manifest.{pid}.tmp"
 
     @property
     def manifest_lock(self) -> Path:
         return self.root / "manifest.lock"
+
+    def run_bookkeeping(self) -> list[Path]:
+        """What ties the folder to one run: set aside, not deleted, when submit --force reuses it for another."""
+        return [self.state_dir, self.failures_dir, self.manifest_file]
+
+    @staticmethod
+    def set_aside(path: Path, suffix: str) -> Path:
+        """Where `path` of a previous run is kept (`suffix`: when it was set aside)."""
+        return path.with_name(f"{path.name}.previous-{suffix}")

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,9 +30,10 @@ from pathlib import Path
 
 from filelock import FileLock, SoftFileLock, Timeout
 
-from vlm_hpc.run.durable import write_atomic
-from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.environment import JobEnvironment
+from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.run.durable import write_atomic
 
 LOCK_TIMEOUT_S = 30.0
 
@@ -57,9 +56,7 @@ def _process_start(pid: int) -> str | None:
 
 def _holder_task(holder: dict) -> str | None:
     """The holder's Slurm task id (ARRAYJOB_TASK, or a plain job id), if it ran under Slurm."""
-    if holder.get("array_job_id"):
-        return f"{holder['array_job_id']}_{holder.get('array_task_id')}"
-    return holder.get("job_id")
+    return slurm.task_id(holder.get("job_id"), holder.get("array_job_id"), holder.get("array_task_id"))
 
 
 def _heartbeat_age(holder: dict) -> float:
@@ -78,19 +75,6 @@ def _describe(holder: dict) -> str:
 def _is_holder(record: dict | None) -> bool:
     """A record naming a holder (not absent, unreadable or released)."""
     return bool(record) and not record.get("released") and bool(record.get("token"))
-
-
-def _slurm_task_alive(task: str) -> bool:
-    """Whether Slurm still runs (or will run) this task; True when Slurm cannot be asked."""
-    if not shutil.which("squeue"):
-        return True
-    try:
-        result = subprocess.run(["squeue", "-h", "-j", task, "-o", "%T"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return True
-    if result.returncode != 0:
-        return "Invalid job id" not in result.stderr
-    return any(state in result.stdout for state in ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING", "SUSPENDED"))
 
 
 def read_lease(path: Path) -> dict | None:
@@ -122,7 +106,7 @@ def live_holder(path: Path, stale_seconds: float) -> str | None:
     if _heartbeat_age(holder) > stale_seconds:
         return None
     task = _holder_task(holder)
-    if task and not _slurm_task_alive(task):
+    if task and not slurm.task_alive(task):
         return None
     return _describe(holder)
 

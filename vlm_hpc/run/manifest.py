@@ -19,11 +19,12 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.config import DataSection, RunConfig
-from vlm_hpc.run.durable import fsync_dir, write_atomic
 from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.run.checkpoint import SliceIndex
+from vlm_hpc.run.durable import fsync_dir, write_atomic
 from vlm_hpc.run.layout import OutputLayout
+from vlm_hpc.run.outputs import OUTPUT_FORMATS
 from vlm_hpc.run.pins import PinnedSettings, compare_pins
 from vlm_hpc.run.readers import RowReader, slice_fingerprint
 from vlm_hpc.run.slicing import slice_bounds
@@ -103,7 +104,7 @@ def load_manifest(path: Path) -> RunManifest:
         expected = _FIELD_TYPES.get(name, object)
         if not isinstance(value, expected) or (isinstance(value, bool) and expected is int):
             raise corrupt(f"field {name!r} is {value!r:.60}")
-    if raw["num_rows"] < 0 or raw["num_slices"] < 1 or raw["output_format"] not in ("json", "jsonl"):
+    if raw["num_rows"] < 0 or raw["num_slices"] < 1 or raw["output_format"] not in OUTPUT_FORMATS:
         raise corrupt(f"num_rows {raw['num_rows']}, num_slices {raw['num_slices']}, "
                       f"output_format {raw['output_format']!r} are not a run's")
     data_fields = {f.name for f in fields(DataSection)}
@@ -200,7 +201,7 @@ def _create(layout: OutputLayout, rows: RowReader, config: RunConfig, num_slices
                            data=asdict(config.data), duplicate_rows=duplicates, slice_fingerprints=fingerprints,
                            pinned=pins.to_dict())
     layout.root.mkdir(parents=True, exist_ok=True)
-    temporary = layout.manifest_file.with_name(f".manifest.{os.getpid()}.tmp")
+    temporary = layout.manifest_temporary(os.getpid())
     temporary.write_text(json.dumps(asdict(manifest), indent=1))
     try:
         os.link(temporary, layout.manifest_file)  # atomic create-if-absent, also on NFS: the first writer wins

@@ -1,5 +1,8 @@
 """Rows to ready batches, ahead of the model: read, decode and tile in DataLoader processes.
 
+Preparing a row (decode + tile, and tiling it again with fewer tiles when the engine runs out of memory on it)
+lives here alone.
+
 Each item is one batch of pending rows. Its uint8 tiles cross to the main process as a single tensor (one
 shared-memory transfer per batch), and rows that cannot be captioned come with their failure reason.
 """
@@ -7,26 +10,29 @@ shared-memory transfer per batch), and rows that cannot be captioned come with t
 from __future__ import annotations
 
 import functools
-import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vlm_hpc.config import RunConfig, WorkerSection
 from vlm_hpc.errors import ImageRejected
 from vlm_hpc.preprocess.decode import decode_image
+from vlm_hpc.preprocess.tiling import tile_image
 from vlm_hpc.run.manifest import RunManifest
 from vlm_hpc.run.readers import Row, RowReader
 from vlm_hpc.run.stop import loader_process_init
-from vlm_hpc.preprocess.tiling import tile_image
 
 
 @dataclass
 class PreparedRow:
-    """A row after CPU work: uint8 tiles ready for the model, or why it cannot be captioned."""
+    """A row after CPU work: uint8 tiles ready for the model, or why it cannot be captioned.
+
+    A row with tiles keeps its image bytes while its batch is in flight: `retile` needs them when the engine runs
+    out of memory on the row alone, and sample rows are saved from them. Held for one batch at a time (plus the
+    loader's prefetch), so memory stays flat however long the slice.
+    """
 
     row: int
     key: str | None
@@ -35,8 +41,19 @@ class PreparedRow:
     failure: str | None = None
     detail: str = ""
     truncated: bool = False
-    image_bytes: bytes | None = None  # kept for sample images and for retrying with fewer tiles
-    sample_extension: str | None = None
+    image_bytes: bytes | None = None
+    sample_extension: str | None = None  # set for the rows whose image goes to the sample folder
+
+    @property
+    def ready(self) -> bool:
+        """Whether the row goes to the engine (it has tiles); the others are recorded without the model."""
+        return self.tiles is not None
+
+    def retile(self, max_num: int) -> PreparedRow:
+        """This row decoded and tiled again from its kept bytes with at most `max_num` tiles (plus thumbnail)."""
+        if self.image_bytes is None:
+            raise ValueError(f"row {self.row} was prepared without its image bytes; it cannot be tiled again")
+        return replace(self, tiles=tile_image(decode_image(self.image_bytes).image, max_num))
 
 
 def prepare_row(row: Row, max_num: int, skip_truncated: bool, duplicate_of: int | None, is_sample: bool) -> PreparedRow:
@@ -54,24 +71,21 @@ def prepare_row(row: Row, max_num: int, skip_truncated: bool, duplicate_of: int 
             prepared.failure, prepared.detail, prepared.truncated = "truncated", "skipped (tiling.skip_truncated)", True
             return prepared
         prepared.tiles = tile_image(decoded.image, max_num)
-        prepared.truncated = decoded.truncated
-        if decoded.truncated:
-            prepared.failure, prepared.detail = "truncated", "file is cut short; captioned like the original (rest black)"
-        if is_sample or decoded.truncated:
-            prepared.image_bytes = row.image
-        if is_sample:
-            prepared.sample_extension = _extension(row.image)
     except ImageRejected as exc:
         prepared.failure, prepared.detail = exc.reason, exc.detail
+        return prepared
+    prepared.truncated = decoded.truncated
+    if decoded.truncated:
+        prepared.failure, prepared.detail = "truncated", "file is cut short; captioned like the original (rest black)"
+    prepared.image_bytes = row.image
+    if is_sample:
+        prepared.sample_extension = _sample_extension(decoded.format)
     return prepared
 
 
-def _extension(data: bytes) -> str:
-    try:
-        name = Image.open(io.BytesIO(data)).format or ""
-    except Exception:
-        return "bin"
-    return {"JPEG": "jpg"}.get(name, name.lower() or "bin")
+def _sample_extension(file_format: str | None) -> str:
+    """The sample image's file extension from its format as Pillow names it."""
+    return {"JPEG": "jpg"}.get(file_format or "", (file_format or "").lower() or "bin")
 
 
 @dataclass
@@ -86,7 +100,7 @@ class PreparedBatch:
 
     @classmethod
     def pack(cls, prepared: list[PreparedRow]) -> PreparedBatch:
-        owners = [i for i, p in enumerate(prepared) if p.tiles is not None]
+        owners = [i for i, p in enumerate(prepared) if p.ready]
         counts = [prepared[i].tiles.shape[0] for i in owners]
         tiles = torch.cat([prepared[i].tiles for i in owners]) if owners else None
         for i in owners:

@@ -24,6 +24,7 @@ from vlm_hpc.run.committed import AppendOnlyFile, Line, SliceOutputs, damage_hin
 from vlm_hpc.run.durable import truncate_to, write_atomic
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.layout import OutputLayout
+from vlm_hpc.run.outputs.base import OutputFormat, SliceKeys
 
 
 def repair_command(layout: OutputLayout) -> str:
@@ -41,7 +42,8 @@ def load_index(layout: OutputLayout, number: int, num_slices: int, start: int, s
     return index
 
 
-def resume_index(layout: OutputLayout, number: int, num_slices: int, start: int, stop: int) -> SliceIndex:
+def resume_index(layout: OutputLayout, number: int, num_slices: int, start: int, stop: int,
+                 output: OutputFormat) -> SliceIndex:
     """The index to resume from, a new one for a slice never started, or one error naming the repair command."""
     try:
         index = load_index(layout, number, num_slices, start, stop)
@@ -49,9 +51,9 @@ def resume_index(layout: OutputLayout, number: int, num_slices: int, start: int,
         raise VlmHpcError(f"{exc}; rebuild it from the slice's outputs with: {repair_command(layout)}") from None
     if index is not None:
         return index
-    for output in (layout.caption_jsonl(number), layout.failures_file(number)):
-        if output.exists() and output.stat().st_size > 0:  # a fresh start would cut its committed lines away
-            raise VlmHpcError(f"{layout.index_file(number)} is missing but {output} holds committed lines; "
+    for path in [*output.append_only_files(), layout.failures_file(number)]:
+        if path.exists() and path.stat().st_size > 0:  # a fresh start would cut its committed lines away
+            raise VlmHpcError(f"{layout.index_file(number)} is missing but {path} holds committed lines; "
                               f"rebuild the index from them with: {repair_command(layout)}")
     return SliceIndex(slice=number, num_slices=num_slices, start=start, stop=stop)
 
@@ -72,32 +74,27 @@ def _kept_lines(outputs: SliceOutputs, rows: set[int]) -> tuple[list[Line], list
     """The caption and ledger lines of `rows`, in file order."""
     def pick(lines: dict[int, Line]) -> list[Line]:
         return sorted((line for row, line in lines.items() if row in rows), key=lambda line: line.start)
-    return pick(outputs.caption_lines), pick(outputs.ledger_lines)
+    return pick(outputs.captions.lines), pick(outputs.ledger_lines)
 
 
-def repair_on_resume(layout: OutputLayout, output_format: str, index: SliceIndex,
-                     keys: Callable[[], list[str | None]], duplicate_rows: dict[str, int],
-                     log: logging.Logger) -> None:
+def repair_on_resume(output: OutputFormat, index: SliceIndex, keys: Callable[[], list[str | None]],
+                     duplicate_rows: dict[str, int], log: logging.Logger) -> None:
     """If an append-only file looks damaged (`damage_hint`), scan the slice's outputs, send rows without an
     intact output back to pending, keep only intact lines, and save the index with what was repaired."""
-    number = index.slice
-    hints: dict[Path, str] = {}
-    if output_format == "jsonl":
-        hint = damage_hint(layout.caption_jsonl(number), index.captions_offset, index.captions)
-        if hint:
-            hints[layout.caption_jsonl(number)] = hint
+    layout, number = output.layout, index.slice
+    hints: dict[Path, str] = output.damage_hints(index)
     hint = damage_hint(layout.failures_file(number), index.failures_offset, None)
     if hint:
         hints[layout.failures_file(number)] = hint
     if not hints:
         return
-    outputs = read_slice_outputs(layout, output_format, number, index.start, keys(), duplicate_rows,
-                                 index.captions_offset, index.failures_offset)
+    outputs = read_slice_outputs(output, SliceKeys(index.start, keys(), duplicate_rows), index)
     done = {row for a, b in index.done for row in range(a, b)}
     lost = done - outputs.captioned - outputs.failed
     kept = done - lost
     caption_lines, ledger_lines = _kept_lines(outputs, kept)
-    scans = [(outputs.captions, caption_lines, "caption line")] if outputs.captions is not None else []
+    appended = outputs.captions.appended
+    scans = [(appended, caption_lines, "caption line")] if appended is not None else []
     scans.append((outputs.ledger, ledger_lines, "ledger line"))
     damaged = [scan.path for scan, _, _ in scans if scan.damaged] or list(hints)
     sizes = {}
@@ -121,31 +118,36 @@ def repair_on_resume(layout: OutputLayout, output_format: str, index: SliceIndex
     index.done = intervals_of(kept)
     index.captions = len(outputs.captioned & kept)
     index.failures = len(outputs.failed & kept)
-    if outputs.captions is not None:
-        index.captions_offset = sizes[outputs.captions.path]
+    if appended is not None:
+        index.record_output_state(output.appended_state(sizes[appended.path]))
     index.failures_offset = sizes[outputs.ledger.path]
     index.save(layout.index_file(number))
 
 
-def rebuild_index(layout: OutputLayout, output_format: str, number: int, num_slices: int, start: int,
-                  keys: list[str | None], duplicate_rows: dict[str, int], why: str) -> SliceIndex:
-    """A new index for slice `number` from its intact outputs (its files cut to their intact lines first)."""
-    outputs = read_slice_outputs(layout, output_format, number, start, keys, duplicate_rows, None, None)
+def rebuild_index(output: OutputFormat, num_slices: int, start: int, keys: list[str | None],
+                  duplicate_rows: dict[str, int], why: str) -> SliceIndex:
+    """A new index for the slice of `output` from its intact outputs (its files cut to their intact lines first)."""
+    layout, number = output.layout, output.slice_id
+    outputs = read_slice_outputs(output, SliceKeys(start, keys, duplicate_rows), None)
     done = outputs.captioned | outputs.failed
     caption_lines, ledger_lines = _kept_lines(outputs, done)
-    captions_offset = 0
-    if outputs.captions is not None:
-        captions_offset = _rewrite(outputs.captions, caption_lines, layout.temp_dir(number))
+    appended = outputs.captions.appended
+    output_state = {}
+    if appended is not None:
+        output_state = output.appended_state(_rewrite(appended, caption_lines, layout.temp_dir(number)))
     failures_offset = _rewrite(outputs.ledger, ledger_lines, layout.temp_dir(number))
-    damage = [f"{scan.path.name} {item}" for scan in (outputs.captions, outputs.ledger) if scan is not None
-              for item in scan.damage] + outputs.damaged_files
+    # Damaged lines first, named by their file's name, then damaged whole files by their path.
+    damage = [d.describe(d.path.name) for d in outputs.captions.damage if not d.whole_file]
+    damage += [f"{outputs.ledger.path.name} {item}" for item in outputs.ledger.damage]
+    damage += [d.describe(str(d.path)) for d in outputs.captions.damage if d.whole_file]
     index = SliceIndex(slice=number, num_slices=num_slices, start=start, stop=start + len(keys),
                        done=intervals_of(done), captions=len(outputs.captioned), failures=len(outputs.failed),
-                       captions_offset=captions_offset, failures_offset=failures_offset, status="stopped",
+                       failures_offset=failures_offset, status="stopped",
                        stop_reason="index rebuilt by verify --repair",
                        repairs=[{"time": time.time(), "file": str(layout.index_file(number).relative_to(layout.root)),
                                  "found": why, "damage": damage[:20],
                                  "rows_done": intervals_of(done)}])
+    index.record_output_state(output_state)
     if index.complete:  # as the worker would have finished it
         index.status = "done"
         write_atomic(layout.end_marker(number), f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())

@@ -3,6 +3,8 @@ committed row, caption the batches that `prefetch` decodes and tiles ahead of th
 stop signal finish or abandon the batch in flight, commit, record why, and return.
 
 `python -m vlm_hpc.worker` (the command) and `vlm_hpc.submit` (submitit's array tasks) both call `run_slice`.
+`SliceRun` is one attempt's lifecycle (start, resume, caption what is pending, finish or record a crash);
+`BatchLoop` is its captioning once the engine is loaded (plan, caption with out-of-memory backoff, commit).
 """
 
 from __future__ import annotations
@@ -14,61 +16,46 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-import transformers
-
 from vlm_hpc import __version__
+from vlm_hpc.cluster.environment import JobEnvironment
+from vlm_hpc.config import RunConfig
+from vlm_hpc.engines import load_engine
+from vlm_hpc.engines.base import Caption, Engine, EngineOutOfMemory, GenerationSettings
+from vlm_hpc.errors import VlmHpcError, io_error_line, io_problem
+from vlm_hpc.internvl.loading import inspect_model_folder, model_fingerprint
+from vlm_hpc.preprocess.resampling import resampler
 from vlm_hpc.run.batching import BatchLimits, BatchPlanner, memory_tile_budget, split_windows
 from vlm_hpc.run.checkpoint import SliceIndex
-from vlm_hpc.config import RunConfig
 from vlm_hpc.run.durable import remove_stale_temporaries, write_atomic
-from vlm_hpc.engines.transformers import Caption, CaptionEngine, GenerationSettings
-from vlm_hpc.errors import VlmHpcError, io_error_line, io_problem
-from vlm_hpc.preprocess.decode import decode_image
-from vlm_hpc.cluster.environment import JobEnvironment
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import LeaseLost, SliceLease
-from vlm_hpc.run.manifest import ensure_manifest
-from vlm_hpc.internvl.loading import inspect_model_folder, model_fingerprint
+from vlm_hpc.run.manifest import ManifestCheck, ensure_manifest
+from vlm_hpc.run.outputs import output_format
 from vlm_hpc.run.pins import PinnedSettings, pinned_settings
-from vlm_hpc.run.prefetch import PreparedRow, SliceBatches, batch_loader
-from vlm_hpc.run.readers import RowReader, open_reader
+from vlm_hpc.run.prefetch import PreparedBatch, PreparedRow, SliceBatches, batch_loader
 from vlm_hpc.run.repair import repair_on_resume, resume_index
+from vlm_hpc.run.readers import RowReader, open_reader
 from vlm_hpc.run.slicing import slice_bounds
-from vlm_hpc.preprocess.resampling import resampler
 from vlm_hpc.run.stop import BatchAbandoned, StopRequest
-from vlm_hpc.preprocess.tiling import tile_image
 from vlm_hpc.run.writer import RowOutcome, SliceWriter
 
-
-def engine_from_config(config: RunConfig) -> CaptionEngine:
-    """Load the model the config names, on the GPU when there is one."""
-    device = config.model.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = config.model.dtype if device != "cpu" else "float32"
-    # The config's generation section holds the engine's settings (plus batch_size, which is the worker's).
-    settings = GenerationSettings(**{f.name: getattr(config.generation, f.name) for f in fields(GenerationSettings)})
-    return CaptionEngine.from_folder(config.model.path, dtype=dtype, device=device, question=config.prompt.question,
-                                     system_message=config.prompt.system_message, settings=settings,
-                                     attn_implementation=config.model.attn_implementation,
-                                     vision_batch=config.generation.vision_batch)
+EngineFactory = Callable[[RunConfig], Engine]
 
 
-def batch_limits(config: RunConfig, engine: CaptionEngine) -> BatchLimits:
-    """generation.batch_size and tile_budget as limits; "auto" sizes the budget to the GPU's free memory."""
+def batch_limits(config: RunConfig, engine: Engine) -> BatchLimits:
+    """generation.batch_size and tile_budget as limits; "auto" sizes the budget to the accelerator's free memory."""
     budget = config.generation.tile_budget
     smallest = config.tiling.max_num + 1  # one image at max_num, thumbnail included
     if budget == "auto":
         free = engine.free_memory()
-        if free is None:  # no accelerator: memory is not what limits a batch
+        costs = engine.memory_costs() if free is not None else None
+        if free is None or costs is None:  # no accelerator: memory is not what limits a batch
             budget = config.generation.batch_size * smallest
         else:
-            costs = engine.memory_costs()
             budget = memory_tile_budget(free, costs.tile_bytes, costs.image_bytes, costs.vision_workspace_bytes,
                                         config.generation.batch_size, smallest)
     return BatchLimits(config.generation.batch_size, budget)
@@ -84,14 +71,14 @@ class _SliceLogFile(logging.FileHandler):
         pass
 
 
-def _setup_logging(layout: OutputLayout, index: int) -> logging.Logger:
+def _setup_logging(layout: OutputLayout, slice_id: int) -> logging.Logger:
     layout.logs_dir.mkdir(parents=True, exist_ok=True)
-    logger = logging.getLogger(f"vlm_hpc.slice{index}")
+    logger = logging.getLogger(f"vlm_hpc.slice{slice_id}")
     logger.handlers.clear()
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    formatter = logging.Formatter("%(asctime)s slice %(slice)s | %(message)s".replace("%(slice)s", str(index)))
-    for handler in (_SliceLogFile(layout.log_file(index), mode="a"), logging.StreamHandler(sys.stderr)):
+    formatter = logging.Formatter("%(asctime)s slice %(slice)s | %(message)s".replace("%(slice)s", str(slice_id)))
+    for handler in (_SliceLogFile(layout.log_file(slice_id), mode="a"), logging.StreamHandler(sys.stderr)):
         handler.setFormatter(formatter)
         logger.addHandler(handler)
     return logger
@@ -122,42 +109,12 @@ class Progress:
                 f"{self.tiles / elapsed:.1f} tiles/s | {self.tokens / elapsed:.1f} tok/s | ETA {eta}")
 
 
-def _caption_with_backoff(engine: CaptionEngine, batch: list[PreparedRow], max_num: int, poll: Callable[[], None],
-                          log: logging.Logger,
-                          out_of_memory: Callable[[int], None] = lambda tiles: None) -> dict[int, Caption | None]:
-    """Captions by row; on CUDA out-of-memory tell `out_of_memory` the batch's tiles, split the batch, then
-    retry a single image with fewer tiles."""
-    # Sampling seed per batch from its lowest row: a resumed slice with the same batches draws the same.
-    settings = replace(engine.settings, seed=engine.settings.seed + min(p.row for p in batch))
-    try:
-        return dict(zip([p.row for p in batch], engine.caption([p.tiles for p in batch], settings, poll=poll)))
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-    out_of_memory(sum(p.tiles.shape[0] for p in batch))
-    if len(batch) > 1:
-        half = len(batch) // 2
-        log.info(f"out of memory on {len(batch)} images; splitting the batch")
-        return {**_caption_with_backoff(engine, batch[:half], max_num, poll, log),
-                **_caption_with_backoff(engine, batch[half:], max_num, poll, log)}
-    only = batch[0]
-    budget = max_num // 2
-    while budget >= 1 and only.image_bytes is not None:
-        log.info(f"out of memory on row {only.row} alone; retrying with max_num {budget}")
-        retry = PreparedRow(only.row, only.key, only.web_caption,
-                            tiles=tile_image(decode_image(only.image_bytes).image, budget))
-        try:
-            return {only.row: engine.caption([retry.tiles], settings, poll=poll)[0]}
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            budget //= 2
-    return {only.row: None}
-
-
-def _outcomes(batch: list[PreparedRow], captions: dict[int, Caption | None]) -> list[RowOutcome]:
+def row_outcomes(batch: list[PreparedRow], captions: dict[int, Caption | None]) -> list[RowOutcome]:
+    """What each row of a captioned batch records: its caption, or why it has none."""
     outcomes = []
     for p in batch:
         sample = (p.image_bytes, p.sample_extension) if p.sample_extension and p.image_bytes else None
-        if p.tiles is None:
+        if not p.ready:
             outcomes.append(RowOutcome(p.row, p.key, p.web_caption, failure=p.failure, detail=p.detail))
             continue
         caption = captions.get(p.row)
@@ -181,28 +138,13 @@ class SliceOutcome:
     index: SliceIndex
 
 
-def _write_stamp(writer: SliceWriter, config: RunConfig, engine: CaptionEngine, environment: JobEnvironment,
-                 accepted_changes: list[str], log: logging.Logger) -> None:
-    folder = Path(config.model.path)
-    prompt = engine.prompt(1)
-    stamp_path = writer.layout.stamp_file(writer.slice)
-    try:
-        attempts = json.loads(stamp_path.read_bytes()) if stamp_path.exists() else []
-    except ValueError:  # not JSON, or not UTF-8: the stamps are a record, not state; start a new one
-        attempts = None
-    if not isinstance(attempts, list):
-        log.info(f"{stamp_path} is damaged; it is kept as {stamp_path.name}.damaged and a new one is started")
-        stamp_path.replace(stamp_path.with_name(stamp_path.name + ".damaged"))
-        attempts = []
-    attempts.append({
-        "time": time.time(), "environment": environment.to_dict(), "vlm_hpc": __version__,
-        "transformers": transformers.__version__, "torch": torch.__version__,
-        "model_fingerprint": model_fingerprint(folder), "model_path": str(folder.resolve()),
-        "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest()[:16], "system_message": engine.system_message,
-        "generation": config.to_dict()["generation"], "max_num": config.tiling.max_num,
-        "device": str(engine.device), "dtype": str(engine.dtype), "accepted_changes": accepted_changes,
-    })
-    writer.write_fenced(stamp_path, json.dumps(attempts, ensure_ascii=False, indent=1).encode())
+@dataclass(frozen=True)
+class Batch:
+    """Rows captioned and committed together, in the order the log names them; `ready` are those the engine
+    captions (the others carry their failure and need no model)."""
+
+    rows: list[PreparedRow]
+    ready: list[PreparedRow]
 
 
 def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowReader, OutputLayout, PinnedSettings]:
@@ -214,7 +156,7 @@ def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowReader, 
     layout = OutputLayout(Path(config.output.dir))
     try:
         layout.state_dir.mkdir(parents=True, exist_ok=True)
-        probe = layout.state_dir / ".write_probe"
+        probe = layout.write_probe
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
@@ -222,183 +164,288 @@ def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowReader, 
     return rows, layout, pinned_settings(config, folder)
 
 
-def run_slice(config: RunConfig, index: int, count: int,
-              engine_factory: Callable[[RunConfig], CaptionEngine] = engine_from_config,
+def run_slice(config: RunConfig, index: int, count: int, engine_factory: EngineFactory = load_engine,
               stop: StopRequest | None = None, accept_changes: bool = False) -> SliceOutcome:
     """Caption slice `index` of `count` to completion or until asked to stop; resumable at any point.
     A resume with other pinned settings (vlm_hpc.run.pins) is refused unless `accept_changes`. An I/O error on the
     output folder is raised as one VlmHpcError line, recorded as the slice's crash."""
     try:
-        return _run_slice(config, index, count, engine_factory, stop, accept_changes)
+        return SliceRun.start(config, index, count, engine_factory, stop, accept_changes).run()
     except OSError as exc:
         raise VlmHpcError(io_error_line(exc, Path(config.output.dir))) from None
 
 
-def _run_slice(config: RunConfig, index: int, count: int, engine_factory: Callable[[RunConfig], CaptionEngine],
-               stop: StopRequest | None, accept_changes: bool) -> SliceOutcome:
-    rows, layout, pins = check_inputs(config, index, count)
-    check = ensure_manifest(layout, rows, config, count, pins, slice_index=index, accept_changes=accept_changes)
-    manifest = check.manifest
-    start, stop_row = slice_bounds(rows.num_rows, index, count)
-    log = _setup_logging(layout, index)
-    for note in check.notes:
-        log.info(f"manifest: {note}")
-    environment = JobEnvironment.current()
-    lease = SliceLease(layout.lease_file(index), environment, config.worker.stale_lease_seconds,
-                       heartbeat_seconds=config.worker.heartbeat_seconds,
-                       failing_seconds=config.worker.heartbeat_failure_seconds, log=log.info)
-    recovered = lease.acquire()
-    if recovered:
-        log.info(f"took over the slice lease: {recovered}")
-    lease.start_heartbeat()
-    stop = stop or StopRequest(layout.kill_file(index), config.worker.grace_seconds)
-    writer = SliceWriter(layout, index, config.output.format, lease)
-    state: SliceIndex | None = None
-    try:  # from here on the lease is released whatever happens, a corrupt index included
-        for folder, pattern in layout.slice_temporaries(index):
+class SliceRun:
+    """One attempt at one slice, from its lease taken to its outcome recorded. Every write it makes of the
+    slice's outputs, index, stamp and markers is fenced by the lease (`SliceWriter`)."""
+
+    def __init__(self, config: RunConfig, slice_id: int, count: int, rows: RowReader, layout: OutputLayout,
+                 check: ManifestCheck, log: logging.Logger, environment: JobEnvironment, lease: SliceLease,
+                 stop: StopRequest, engine_factory: EngineFactory) -> None:
+        self.config = config
+        self.slice_id = slice_id
+        self.count = count
+        self.rows = rows
+        self.layout = layout
+        self.check = check
+        self.log = log
+        self.environment = environment
+        self.lease = lease
+        self.stop = stop
+        self.engine_factory = engine_factory
+        self.first_row, self.end_row = slice_bounds(rows.num_rows, slice_id, count)
+        self.writer = SliceWriter(layout, slice_id, output_format(config.output.format, layout, slice_id), lease)
+        self.state: SliceIndex | None = None  # read by `resume`; before that a crash has no index to be recorded in
+
+    @classmethod
+    def start(cls, config: RunConfig, slice_id: int, count: int, engine_factory: EngineFactory,
+              stop: StopRequest | None, accept_changes: bool) -> SliceRun:
+        """Check the inputs and the manifest (before any model is loaded), open the slice's log, take its lease
+        and start the heartbeat."""
+        rows, layout, pins = check_inputs(config, slice_id, count)
+        check = ensure_manifest(layout, rows, config, count, pins, slice_index=slice_id, accept_changes=accept_changes)
+        log = _setup_logging(layout, slice_id)
+        for note in check.notes:
+            log.info(f"manifest: {note}")
+        environment = JobEnvironment.current()
+        lease = SliceLease(layout.lease_file(slice_id), environment, config.worker.stale_lease_seconds,
+                           heartbeat_seconds=config.worker.heartbeat_seconds,
+                           failing_seconds=config.worker.heartbeat_failure_seconds, log=log.info)
+        recovered = lease.acquire()
+        if recovered:
+            log.info(f"took over the slice lease: {recovered}")
+        lease.start_heartbeat()
+        stop = stop or StopRequest(layout.kill_file(slice_id), config.worker.grace_seconds)
+        return cls(config, slice_id, count, rows, layout, check, log, environment, lease, stop, engine_factory)
+
+    def run(self) -> SliceOutcome:
+        """Resume, caption what is pending, record the outcome; the lease is released whatever happens, a
+        corrupt index included. A lost lease ends the attempt without another write."""
+        try:
+            state = self.resume()
+            if state.complete:
+                return self.finish("done", None)
+            return self.caption_pending(state)
+        except LeaseLost as exc:
+            self.log.info(f"stopping: {exc}; nothing more is written by this worker")
+            return SliceOutcome("stopped", "lease_lost", self.state)
+        except BaseException as exc:
+            if self.state is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                self.record_crash(exc)
+            raise
+        finally:
+            self.stop.uninstall()
+            self.lease.release()
+
+    def resume(self) -> SliceIndex:
+        """The slice's index with everything an interrupted attempt left cleaned up: stale temporaries removed,
+        outputs repaired and recovered to what the index committed (under the fence), the crash reserve
+        written, and this attempt recorded as running."""
+        for folder, pattern in self.layout.slice_temporaries(self.slice_id):
             if removed := remove_stale_temporaries(folder, pattern):
-                log.info(f"removed {removed} temporary files an interrupted write left in {folder}")
-        state = resume_index(layout, index, count, start, stop_row)
-        with lease.fenced():
-            repair_on_resume(layout, config.output.format, state, lambda: rows.keys(start, stop_row),
-                             manifest.duplicate_rows, log)
-            writer.recover(state)
-            write_atomic(layout.reserve_file(index), bytes(CRASH_RESERVE_BYTES))
+                self.log.info(f"removed {removed} temporary files an interrupted write left in {folder}")
+        state = self.state = resume_index(self.layout, self.slice_id, self.count, self.first_row, self.end_row,
+                                          self.writer.output)
+        with self.lease.fenced():
+            repair_on_resume(self.writer.output, state,
+                             lambda: self.rows.keys(self.first_row, self.end_row),
+                             self.check.manifest.duplicate_rows, self.log)
+            self.writer.recover(state)
+            write_atomic(self.layout.reserve_file(self.slice_id), bytes(CRASH_RESERVE_BYTES))
         state.attempts += 1
         state.status, state.stop_reason, state.started_at = "running", None, time.time()
         state.rows_at_start = state.finished_rows
-        writer.save_index(state)
-        log.info(f"start: rows [{start}, {stop_row}) of {rows.num_rows}, {state.finished_rows} already done, "
-                 f"attempt {state.attempts}, bicubic resize by {resampler()}, {environment.describe()}")
-        if state.complete:
-            return _finish(writer, state, "done", None, log)
-        stop.install()
-        engine = None if stop.requested else engine_factory(config)
-        if stop.requested:  # before or while the model loaded: stop signals count from the command's first instant
-            return _finish(writer, state, "requeued" if stop.requeue else "stopped", stop.reason, log)
-        if not layout.query_file.exists():
-            write_atomic(layout.query_file, config.prompt.question.encode())
-        _write_stamp(writer, config, engine, environment, check.accepted, log)
-        limits = batch_limits(config, engine)
+        self.writer.save_index(state)
+        self.log.info(f"start: rows [{self.first_row}, {self.end_row}) of {self.rows.num_rows}, "
+                      f"{state.finished_rows} already done, attempt {state.attempts}, bicubic resize by "
+                      f"{resampler()}, {self.environment.describe()}")
+        return state
+
+    def caption_pending(self, state: SliceIndex) -> SliceOutcome:
+        """Load the engine, unless a stop came first, and caption the pending rows until done or stopped."""
+        self.stop.install()
+        engine = None if self.stop.requested else self.engine_factory(self.config)
+        if engine is None or self.stop.requested:  # stop signals count from the command's first instant
+            return self.finish("requeued" if self.stop.requeue else "stopped", self.stop.reason)
+        if not self.layout.query_file.exists():
+            write_atomic(self.layout.query_file, self.config.prompt.question.encode())
+        self.write_stamp(engine)
+        limits = batch_limits(self.config, engine)
         if limits.max_tiles is not None:
-            log.info(f"batches: up to {limits.max_tiles} tiles and {limits.max_images} images, "
-                     f"sorted by tile count in windows of {config.generation.sort_window} rows")
-        planner = BatchPlanner(limits)
-        pending = state.pending_rows()
-        windows = split_windows(pending, limits, config.generation.sort_window)
-        stride = max(1, math.ceil(rows.num_rows / config.output.max_sample_images))
-        loader = batch_loader(SliceBatches(rows, windows, config, manifest, stride), config.worker,
-                              pin_memory=engine.device.type == "cuda")
-        progress = Progress(state.finished_rows, state.total)
-
-        def poll() -> None:
-            stop.check_deadline()
-            if lease.lost.is_set():
-                raise BatchAbandoned(lease.lost_reason or "the slice lease was lost")
-
-        def out_of_memory(tiles: int) -> None:
-            if planner.shrink(tiles, config.tiling.max_num + 1):
-                log.info(f"out of memory on {tiles} tiles; tile budget now {planner.limits.max_tiles}")
-
-        finished: list[RowOutcome] = []  # computed, not yet committed
-        finished_seconds = 0.0
-        last_commit = time.monotonic()
-
-        def commit() -> None:
-            nonlocal finished, finished_seconds, last_commit
-            if finished and not lease.lost.is_set():
-                writer.commit_batch(finished, state, finished_seconds)
-                log.info(progress.line())
-            finished, finished_seconds, last_commit = [], 0.0, time.monotonic()
-
-        def run_batch(batch: list[PreparedRow]) -> bool:
-            """Caption one batch into `finished`; False when it was abandoned."""
-            nonlocal finished_seconds
-            began = time.monotonic()
-            ready = [p for p in batch if p.tiles is not None]
-            try:
-                captions = _caption_with_backoff(engine, ready, config.tiling.max_num, poll, log, out_of_memory) \
-                    if ready else {}
-            except BatchAbandoned as exc:
-                log.info(f"abandoned rows {','.join(str(p.row) for p in batch)}: {exc}")
-                return False
-            finished_seconds += time.monotonic() - began
-            log.info(f"computed rows={','.join(str(p.row) for p in batch)}")
-            finished.extend(_outcomes(batch, captions))
-            progress.add(len(batch), sum(p.tiles.shape[0] for p in ready),
-                         sum(len(c.token_ids) for c in captions.values() if c is not None))
-            if (len(finished) >= config.worker.commit_rows
-                    or time.monotonic() - last_commit >= config.worker.commit_seconds):
-                commit()
-            return True
-
-        def run_batches(batches: list[list[PreparedRow]]) -> bool:
-            """Run batches until a stop; False when stopped."""
-            for batch in batches:
-                if stop.requested or lease.lost.is_set() or not run_batch(batch):
-                    return False
-            return True
-
-        held: dict[int, PreparedRow] = {}  # prepared rows the planner holds back for a fuller batch
-        running = True
-        for packed in loader:
-            prepared = packed.unpack()
-            if limits.max_tiles is None:  # the seed's batches: the window as it is
-                batches = [prepared]
-            else:
-                ready = [p for p in prepared if p.tiles is not None]
-                held.update((p.row, p) for p in ready)
-                planned = planner.add([(p.row, p.tiles.shape[0]) for p in ready])
-                failed = [p for p in prepared if p.tiles is None]  # they need no model: recorded at once
-                batches = ([failed] if failed else []) + [[held.pop(row) for row in rows] for rows in planned]
-            running = run_batches(batches)
-            if not running:
-                break
-        if running:
-            run_batches([[held.pop(row) for row in rows] for rows in planner.flush()])
-        commit()
-        if lease.lost.is_set():
-            raise LeaseLost(lease.lost_reason or "the slice lease was lost")
+            self.log.info(f"batches: up to {limits.max_tiles} tiles and {limits.max_images} images, "
+                          f"sorted by tile count in windows of {self.config.generation.sort_window} rows")
+        windows = split_windows(state.pending_rows(), limits, self.config.generation.sort_window)
+        stride = max(1, math.ceil(self.rows.num_rows / self.config.output.max_sample_images))
+        loader = batch_loader(SliceBatches(self.rows, windows, self.config, self.check.manifest, stride),
+                              self.config.worker, pin_memory=engine.pins_tiles)
+        batches = BatchLoop(self, engine, BatchPlanner(limits, _tile_count), Progress(state.finished_rows, state.total))
+        batches.run(loader)
+        batches.commit()
+        if self.lease.lost.is_set():
+            raise LeaseLost(self.lease.lost_reason or "the slice lease was lost")
         if state.complete:
-            return _finish(writer, state, "done", None, log)
-        status = "requeued" if stop.requeue else "stopped"
-        return _finish(writer, state, status, stop.reason or "unknown", log)
-    except LeaseLost as exc:
-        log.info(f"stopping: {exc}; nothing more is written by this worker")
-        return SliceOutcome("stopped", "lease_lost", state)
-    except BaseException as exc:
-        if state is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            _record_crash(writer, state, exc, log)
-        raise
-    finally:
-        stop.uninstall()
-        lease.release()
+            return self.finish("done", None)
+        return self.finish("requeued" if self.stop.requeue else "stopped", self.stop.reason or "unknown")
+
+    def write_stamp(self, engine: Engine) -> None:
+        """Add this attempt to the slice's reproducibility stamps (a record, not state: a damaged file is set
+        aside and a new one started)."""
+        folder = Path(self.config.model.path)
+        stamp_path = self.layout.stamp_file(self.slice_id)
+        try:
+            attempts = json.loads(stamp_path.read_bytes()) if stamp_path.exists() else []
+        except ValueError:  # not JSON, or not UTF-8
+            attempts = None
+        if not isinstance(attempts, list):
+            self.log.info(f"{stamp_path} is damaged; it is kept as {stamp_path.name}.damaged and a new one is started")
+            stamp_path.replace(stamp_path.with_name(stamp_path.name + ".damaged"))
+            attempts = []
+        attempts.append({
+            "time": time.time(), "environment": self.environment.to_dict(), "vlm_hpc": __version__,
+            "engine": self.config.model.engine, **engine.describe(),
+            "model_fingerprint": model_fingerprint(folder), "model_path": str(folder.resolve()),
+            "prompt_sha256": hashlib.sha256(engine.prompt(1).encode()).hexdigest()[:16],
+            "generation": self.config.to_dict()["generation"], "max_num": self.config.tiling.max_num,
+            "accepted_changes": self.check.accepted,
+        })
+        self.writer.write_fenced(stamp_path, json.dumps(attempts, ensure_ascii=False, indent=1).encode())
+
+    def finish(self, status: str, reason: str | None) -> SliceOutcome:
+        """Record how this attempt ended (done: with the end marker)."""
+        state = self.state
+        state.status, state.stop_reason = status, reason
+        self.writer.save_index(state)
+        if status == "done":
+            self.writer.write_fenced(self.layout.end_marker(self.slice_id),
+                                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+            self.log.info(f"done: {state.captions} captions, {state.failures} failures")
+        else:
+            self.log.info(f"{status} ({reason}) with {state.finished_rows}/{state.total} rows done")
+        return SliceOutcome("requeue" if status == "requeued" else status, reason, state)
+
+    def record_crash(self, exc: BaseException) -> None:
+        """Mark the slice crashed with a short reason ("disk full (ENOSPC) on PATH") where the index can still be
+        written; the log line stays the record where it cannot."""
+        state = self.state
+        if isinstance(exc, OSError):
+            reason = f"{io_problem(exc)} on {exc.filename2 or exc.filename or self.layout.root}"
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+        state.status, state.stop_reason = "crashed", reason[:500]
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.layout.reserve_file(state.slice).unlink(missing_ok=True)  # the room to write what follows
+        self.log.info(f"crashed: {state.stop_reason}")
+        try:
+            self.writer.save_index(state)
+        except (OSError, LeaseLost) as save_error:
+            self.log.info(f"could not record the crash in {self.layout.index_file(state.slice)} ({save_error})")
 
 
-def _record_crash(writer: SliceWriter, state: SliceIndex, exc: BaseException, log: logging.Logger) -> None:
-    """Mark the slice crashed with a short reason ("disk full (ENOSPC) on PATH") where the index can still be
-    written; the log line stays the record where it cannot."""
-    if isinstance(exc, OSError):
-        reason = f"{io_problem(exc)} on {exc.filename2 or exc.filename or writer.layout.root}"
-    else:
-        reason = f"{type(exc).__name__}: {exc}"
-    state.status, state.stop_reason = "crashed", reason[:500]
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        writer.layout.reserve_file(state.slice).unlink(missing_ok=True)  # the room to write what follows
-    log.info(f"crashed: {state.stop_reason}")
-    try:
-        writer.save_index(state)
-    except (OSError, LeaseLost) as save_error:
-        log.info(f"could not record the crash in {writer.layout.index_file(state.slice)} ({save_error})")
+def _tile_count(prepared: PreparedRow) -> int:
+    return prepared.tiles.shape[0]
 
 
-def _finish(writer: SliceWriter, state: SliceIndex, status: str, reason: str | None,
-            log: logging.Logger) -> SliceOutcome:
-    state.status, state.stop_reason = status, reason
-    writer.save_index(state)
-    if status == "done":
-        writer.write_fenced(writer.layout.end_marker(state.slice), f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-        log.info(f"done: {state.captions} captions, {state.failures} failures")
-    else:
-        log.info(f"{status} ({reason}) with {state.finished_rows}/{state.total} rows done")
-    return SliceOutcome("requeue" if status == "requeued" else status, reason, state)
+@dataclass
+class BatchLoop:
+    """The batches of one attempt once its engine is loaded: windows of prepared rows planned into batches,
+    captioned (backing off on out-of-memory), and committed every `worker.commit_rows` rows or
+    `worker.commit_seconds`."""
+
+    slice: SliceRun
+    engine: Engine
+    planner: BatchPlanner[PreparedRow]
+    progress: Progress
+    uncommitted: list[RowOutcome] = field(default_factory=list)  # computed, not yet committed
+    uncommitted_seconds: float = 0.0
+    last_commit: float = field(default_factory=time.monotonic)
+    settings: GenerationSettings = field(init=False)  # the config's; each batch's seed is offset from them
+    max_num: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.settings = self.slice.config.generation.settings()
+        self.max_num = self.slice.config.tiling.max_num
+
+    def run(self, windows: Iterable[PreparedBatch]) -> None:
+        """Caption every window the loader prepares, until the last, a stop, or a lost lease."""
+        for packed in windows:
+            if not self.run_batches(self.plan(packed.unpack())):
+                return
+        self.run_batches([Batch(rows, rows) for rows in self.planner.flush()])
+
+    def plan(self, prepared: list[PreparedRow]) -> list[Batch]:
+        """The batches ready to run from one window; with a tile budget the planner may hold some rows back."""
+        ready = [p for p in prepared if p.ready]
+        if self.planner.limits.max_tiles is None:  # the seed's batches: the window as it is
+            return [Batch(prepared, ready)]
+        failed = [p for p in prepared if not p.ready]  # they need no model: recorded at once
+        return ([Batch(failed, [])] if failed else []) + [Batch(rows, rows) for rows in self.planner.add(ready)]
+
+    def run_batches(self, batches: list[Batch]) -> bool:
+        """Caption batches until a stop; False when stopped."""
+        for batch in batches:
+            if self.slice.stop.requested or self.slice.lease.lost.is_set() or not self.caption_batch(batch):
+                return False
+        return True
+
+    def caption_batch(self, batch: Batch) -> bool:
+        """Caption one batch into the uncommitted outcomes, committing when it is time; False when abandoned."""
+        log = self.slice.log
+        began = time.monotonic()
+        try:
+            captions = self.caption_with_backoff(batch.ready, shrink_budget=True) if batch.ready else {}
+        except BatchAbandoned as exc:
+            log.info(f"abandoned rows {','.join(str(p.row) for p in batch.rows)}: {exc}")
+            return False
+        self.uncommitted_seconds += time.monotonic() - began
+        log.info(f"computed rows={','.join(str(p.row) for p in batch.rows)}")
+        self.uncommitted.extend(row_outcomes(batch.rows, captions))
+        self.progress.add(len(batch.rows), sum(map(_tile_count, batch.ready)),
+                          sum(len(c.token_ids) for c in captions.values() if c is not None))
+        worker = self.slice.config.worker
+        if len(self.uncommitted) >= worker.commit_rows or time.monotonic() - self.last_commit >= worker.commit_seconds:
+            self.commit()
+        return True
+
+    def caption_with_backoff(self, batch: list[PreparedRow], shrink_budget: bool) -> dict[int, Caption | None]:
+        """Captions by row. Out of memory: shrink the tile budget (for the batch as planned, `shrink_budget`),
+        split the batch in halves, and retry a single image with fewer tiles; None where even one tile fails."""
+        # Sampling seed per batch from its lowest row: a resumed slice with the same batches draws the same.
+        settings = replace(self.settings, seed=self.settings.seed + min(p.row for p in batch))
+        try:
+            return dict(zip([p.row for p in batch], self.engine.caption([p.tiles for p in batch], settings,
+                                                                        poll=self.poll)))
+        except EngineOutOfMemory:
+            pass
+        tiles = sum(map(_tile_count, batch))
+        if shrink_budget and self.planner.shrink(tiles, self.max_num + 1):
+            self.slice.log.info(f"out of memory on {tiles} tiles; tile budget now {self.planner.limits.max_tiles}")
+        if len(batch) > 1:
+            half = len(batch) // 2
+            self.slice.log.info(f"out of memory on {len(batch)} images; splitting the batch")
+            return {**self.caption_with_backoff(batch[:half], shrink_budget=False),
+                    **self.caption_with_backoff(batch[half:], shrink_budget=False)}
+        return {batch[0].row: self.caption_with_fewer_tiles(batch[0], settings)}
+
+    def caption_with_fewer_tiles(self, alone: PreparedRow, settings: GenerationSettings) -> Caption | None:
+        """One image the engine cannot caption at max_num, tiled again at half the max_num until it fits."""
+        max_num = self.max_num // 2
+        while max_num >= 1:
+            self.slice.log.info(f"out of memory on row {alone.row} alone; retrying with max_num {max_num}")
+            try:
+                return self.engine.caption([alone.retile(max_num).tiles], settings, poll=self.poll)[0]
+            except EngineOutOfMemory:
+                max_num //= 2
+        return None
+
+    def poll(self) -> None:
+        """Between decoding steps: abandon the batch past the stop deadline, or once the lease is lost."""
+        self.slice.stop.check_deadline()
+        if self.slice.lease.lost.is_set():
+            raise BatchAbandoned(self.slice.lease.lost_reason or "the slice lease was lost")
+
+    def commit(self) -> None:
+        """Make the uncommitted outcomes durable and advance the index (nothing once the lease is lost)."""
+        if self.uncommitted and not self.slice.lease.lost.is_set():
+            self.slice.writer.commit_batch(self.uncommitted, self.slice.state, self.uncommitted_seconds)
+            self.slice.log.info(self.progress.line())
+        self.uncommitted, self.uncommitted_seconds, self.last_commit = [], 0.0, time.monotonic()

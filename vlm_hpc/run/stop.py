@@ -8,8 +8,9 @@
 A stop lets the batch in flight finish if it can within `grace_seconds`, else abandons it (it is simply not
 committed); then the worker commits and exits. Handlers are idempotent: SIGCONT accompanies SIGTERM, and a
 time limit sends SIGTERM twice. A signal that comes before a StopRequest is installed (while torch imports, say)
-is recorded by `record_stop_signals` and acted on at the install. DataLoader workers ignore these signals so that only the main process acts,
-and die with it however it dies (`kill -9`, the OOM killer), so that none is left behind outside Slurm's cgroup.
+is recorded by `record_stop_signals` and acted on at the install. DataLoader workers ignore these signals so that
+only the main process acts, and die with it however it dies (`kill -9`, the OOM killer), so that none is left
+behind outside Slurm's cgroup.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Committing a batch: captions, sample images and failure-ledger lines made durable, then the index advanced.
 
-`commit_batch` is the only writer of caption outputs. In json format each caption is its own file, renamed
-into place; in jsonl format lines are appended to the slice's file and the index records the committed byte
-offset, so a resumed slice cuts off whatever an interrupted append left. Every write of the slice's outputs and
+`commit_batch` is the only writer of caption outputs; how captions are stored is the output format's
+(`run.outputs`: json renames a file per caption into place, jsonl appends to the slice's file and has the index
+record its committed size, so a resumed slice cuts off whatever an interrupted append left). The failure ledger
+and the sample images are the same for every format and written here. Every write of the slice's outputs and
 index is fenced by the slice lease: it happens under the lease lock, after checking that this worker still
 holds the lease, so a worker that lost its lease (suspended, late) writes nothing.
 """
@@ -19,6 +20,7 @@ from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.run.durable import append_durable, truncate_to, write_atomic, write_many_atomic
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import SliceLease
+from vlm_hpc.run.outputs.base import CaptionRecord, OutputFormat
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,12 @@ class RowOutcome:
 
 
 class SliceWriter:
-    """Writes one slice's outputs in the configured format."""
+    """Writes one slice's outputs in its output format."""
 
-    def __init__(self, layout: OutputLayout, slice_index: int, output_format: str, lease: SliceLease) -> None:
+    def __init__(self, layout: OutputLayout, slice_index: int, output: OutputFormat, lease: SliceLease) -> None:
         self.layout = layout
         self.slice = slice_index
-        self.format = output_format
+        self.output = output
         self.lease = lease
         self.temp_dir = layout.temp_dir(slice_index)
 
@@ -63,8 +65,7 @@ class SliceWriter:
         if self.temp_dir.exists():
             shutil.rmtree(self.temp_dir)
         self.temp_dir.mkdir(parents=True)
-        if self.format == "jsonl":
-            truncate_to(self.layout.caption_jsonl(self.slice), index.captions_offset)
+        self.output.recover(index)
         truncate_to(self.layout.failures_file(self.slice), index.failures_offset)
 
     def commit_batch(self, outcomes: list[RowOutcome], index: SliceIndex, seconds: float) -> None:
@@ -75,16 +76,8 @@ class SliceWriter:
 
     def _commit_batch(self, outcomes: list[RowOutcome], index: SliceIndex, seconds: float) -> None:
         captioned = [o for o in outcomes if o.caption is not None]
-        captions_offset = index.captions_offset
-        files: list[tuple[Path, bytes]] = []
-        if self.format == "json":
-            for outcome in captioned:
-                body = {"web_caption": outcome.web_caption, "vlm_caption": outcome.caption}
-                files.append((self.layout.caption_json(outcome.key), json.dumps(body, ensure_ascii=False).encode()))
-        elif captioned:
-            lines = "".join(json.dumps({"key": o.key, "web_caption": o.web_caption, "vlm_caption": o.caption,
-                                        "row": o.row}, ensure_ascii=False) + "\n" for o in captioned)
-            captions_offset = append_durable(self.layout.caption_jsonl(self.slice), lines.encode(), captions_offset)
+        staged = self.output.stage([CaptionRecord(o.row, o.key, o.web_caption, o.caption) for o in captioned], index)
+        files = list(staged.files)
         samples = [o for o in outcomes if o.sample is not None and o.key is not None]
         files += [(self.layout.sample_image(o.key, o.sample[1]), o.sample[0]) for o in samples]
         if files:
@@ -96,5 +89,5 @@ class SliceWriter:
             failures_offset = append_durable(self.layout.failures_file(self.slice), text.encode(), failures_offset)
         self.lease.confirm()  # again right before the commit point (the lock makes it a formality)
         index.commit(self.layout.index_file(self.slice), [o.row for o in outcomes], captions=len(captioned),
-                     failures=sum(o.caption is None for o in outcomes), captions_offset=captions_offset,
+                     failures=sum(o.caption is None for o in outcomes), output_state=staged.index_state,
                      failures_offset=failures_offset, samples=len(samples), seconds=seconds)

@@ -1,0 +1,32 @@
+"""`vlm-hpc COMMAND`: every command reachable from the one entry point, errors reported as by `python -m`."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from vlm_hpc import cli
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_every_command_has_a_main_and_the_entry_point_is_declared() -> None:
+    for module in cli.COMMANDS.values():
+        assert callable(importlib.import_module(module).main), module
+    assert '[project.scripts]\nvlm-hpc = "vlm_hpc.cli:main"\n' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_a_command_runs_its_main_with_the_rest_of_the_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["status", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: status: {tmp_path}/manifest.json is missing; no run has started in " \
+                                      f"{tmp_path}\n"
+
+
+def test_unknown_or_missing_commands_are_refused(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["stats"]) == 2
+    assert "unknown command 'stats'; choose one of submit, worker, status, verify, caption, convert, tiny-model" \
+        in capsys.readouterr().err
+    assert cli.main([]) == 2
+    assert cli.main(["--help"]) == 0 and capsys.readouterr().out.startswith("usage: vlm-hpc {submit,")

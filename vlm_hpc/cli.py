@@ -1,0 +1,42 @@
+"""`vlm-hpc COMMAND [ARGS]`: one entry point for every command; `python -m vlm_hpc.COMMAND` runs the same main.
+
+A command's module is imported only once it is chosen, so `vlm-hpc status` does not load torch, and
+`vlm-hpc worker` records stop signals before the slow imports (see `vlm_hpc.worker`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# Subcommand -> the module whose `main(argv) -> int` runs it.
+COMMANDS = {
+    "submit": "vlm_hpc.submit",
+    "worker": "vlm_hpc.worker",
+    "status": "vlm_hpc.status",
+    "verify": "vlm_hpc.verify",
+    "caption": "vlm_hpc.caption",
+    "convert": "vlm_hpc.convert",
+    "tiny-model": "vlm_hpc.tiny_model",
+}
+
+USAGE = f"usage: vlm-hpc {{{','.join(COMMANDS)}}} [ARGS ...]   (vlm-hpc COMMAND --help for its arguments)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    if not argv:
+        print(f"{USAGE}\nerror: name a command", file=sys.stderr)
+        return 2
+    command, *rest = argv
+    if command not in COMMANDS:
+        print(f"{USAGE}\nerror: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return importlib.import_module(COMMANDS[command]).main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
