@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, InternVLForConditionalGeneration
 
-from vlm_hpc.run.batching import BatchLimits, BatchPlanner, memory_tile_budget, split_windows
 from vlm_hpc.engines.transformers import generate_new_tokens, memory_costs
-from vlm_hpc.preprocess.tiling import tile_count
-from vlm_hpc.tiny_model import original_config
 from vlm_hpc.internvl.weight_mapping import native_config, num_image_token
+from vlm_hpc.preprocess.tiling import tile_count
+from vlm_hpc.run.batching import BatchLimits, BatchPlanner, memory_tile_budget, split_windows
+from vlm_hpc.tiny_model import original_config
 
 # A web-like size mix (width, height): small, typical, HD, 4K, extreme aspect ratios.
 SIZES = [(640, 480), (800, 600), (1024, 768), (500, 750), (1280, 720), (1920, 1080), (1080, 1920), (3840, 2160),

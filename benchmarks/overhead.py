@@ -24,9 +24,9 @@ import torch
 
 import vlm_hpc.run.prefetch as prefetch
 import vlm_hpc.run.slice_run as worker
-from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.config import load_config
 from vlm_hpc.engines.base import Caption, Engine
+from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.manifest import ensure_manifest
 from vlm_hpc.tiny_model import write_tiny_model

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 
 from builders import make_dataset, png, read_captions, write_config
-from vlm_hpc.run.checkpoint import SliceIndex
 from vlm_hpc.config import DataSection, load_config
-from vlm_hpc.run.readers import open_reader
-from vlm_hpc.run.durable import append_durable
 from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.run.checkpoint import SliceIndex
+from vlm_hpc.run.durable import append_durable
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.manifest import load_manifest
 from vlm_hpc.run.outputs.jsonl_file import JsonlFile
+from vlm_hpc.run.readers import open_reader
 from vlm_hpc.run.repair import repair_on_resume
 from vlm_hpc.run.slice_run import run_slice
 from vlm_hpc.verify import verify
@@ -36,7 +36,8 @@ def rows_with_failures() -> list[tuple[str | None, bytes | None, str | None]]:
     """Good images with bad rows among them, so that both the captions and the ledger have several lines."""
     truncated = png(2, (300, 200))
     good = [(f"img_{i:02d}", png(10 + i), f"web {i}") for i in range(8)]
-    return good[:2] + [("zero_bytes", b"", "x")] + good[2:4] + [("truncated", truncated[: len(truncated) * 6 // 10], "t")] \
+    cut = truncated[: len(truncated) * 6 // 10]
+    return good[:2] + [("zero_bytes", b"", "x")] + good[2:4] + [("truncated", cut, "t")] \
         + good[4:6] + [("no_image", None, "x"), ("not_an_image", b"text, not pixels", "x")] + good[6:]
 
 
@@ -100,7 +101,8 @@ DAMAGE = [("jsonl", JSONL, lambda p: cut(p, 5)), ("jsonl", LEDGER, lambda p: cut
 
 
 @pytest.mark.parametrize(("output_format", "damaged", "damage"), DAMAGE,
-                         ids=["jsonl-cut", "ledger-cut-jsonl", "ledger-cut-json", "jsonl-nul-middle", "ledger-nul-json"])
+                         ids=["jsonl-cut", "ledger-cut-jsonl", "ledger-cut-json", "jsonl-nul-middle",
+                              "ledger-nul-json"])
 def test_damaged_append_only_file_is_repaired_on_resume(output_format: str, damaged: Path, damage, finished_runs: dict,
                                                         golden_model_dir: Path, tmp_path: Path, shared_engine) -> None:
     run = finished_runs[output_format]

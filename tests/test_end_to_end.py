@@ -47,7 +47,8 @@ def test_captions_equal_the_originals(name: str, run: dict, system_message: str 
     # first-step logits at the last prompt position, the quantity the original's scores recorded
     with torch.no_grad():
         from vlm_hpc.preprocess.tiling import normalize
-        logits = engine.model(input_ids=torch.tensor(batch.input_ids), attention_mask=torch.tensor(batch.attention_mask),
+        logits = engine.model(input_ids=torch.tensor(batch.input_ids),
+                              attention_mask=torch.tensor(batch.attention_mask),
                               pixel_values=normalize(torch.cat(tiles))).logits[:, -1]
     assert (logits - torch.tensor(run["step0_full_logits"])).abs().max() < 1e-4
 
@@ -106,7 +107,8 @@ def test_caption_cli_prints_one_json_line_per_image(golden_model_dir: Path, tmp_
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     result = run_cli("--model", str(golden_model_dir), "--greedy", "--max-num", "6", "--max-new-tokens", "12",
-                     "--batch-size", "3", "--dtype", "float32", "--device", "cpu", *images[:2], str(broken), *images[2:])
+                     "--batch-size", "3", "--dtype", "float32", "--device", "cpu",
+                     *images[:2], str(broken), *images[2:])
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["image"] for line in lines] == images[:2] + [str(broken)] + images[2:]
     good = [line for line in lines if "caption" in line]

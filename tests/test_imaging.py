@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import io
-import zlib
 import struct
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_hpc.preprocess import decode as imaging
 from vlm_hpc.errors import ImageRejected
+from vlm_hpc.preprocess import decode as imaging
 from vlm_hpc.preprocess.decode import MAX_PIXELS, decode_image
 
 
@@ -26,7 +26,8 @@ def bomb_png(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+            + chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize(("data", "reason"), [
@@ -83,13 +84,15 @@ def interlaced_png(pixels: np.ndarray) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     height, width, channels = pixels.shape
     raw = bytearray()
-    for x0, y0, dx, dy in [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]:
+    adam7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+    for x0, y0, dx, dy in adam7:
         sub_image = pixels[y0::dy, x0::dx]
         if sub_image.size == 0:
             continue  # empty passes have no scanlines at all
         for index, row in enumerate(sub_image.reshape(sub_image.shape[0], -1).astype(np.int16)):
             if index % 2:
-                raw += b"\1" + ((row - np.concatenate([np.zeros(channels, np.int16), row[:-channels]])) % 256).astype(np.uint8).tobytes()
+                left = np.concatenate([np.zeros(channels, np.int16), row[:-channels]])
+                raw += b"\1" + ((row - left) % 256).astype(np.uint8).tobytes()
             else:
                 raw += b"\0" + row.astype(np.uint8).tobytes()
     color_type = {3: 2, 4: 6}[channels]

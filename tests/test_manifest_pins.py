@@ -10,14 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from builders import make_dataset, png, slow_dataset, start_worker, stop, wait_for, write_config
 
+from builders import make_dataset, png, slow_dataset, start_worker, stop, wait_for, write_config
 from vlm_hpc.config import DataSection, load_config
-from vlm_hpc.run.readers import open_reader, slice_fingerprint
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.manifest import ensure_manifest, scan_dataset
 from vlm_hpc.run.pins import PinnedSettings
+from vlm_hpc.run.readers import open_reader, slice_fingerprint
 from vlm_hpc.run.slice_run import run_slice
 from vlm_hpc.tiny_model import write_tiny_model
 

@@ -78,7 +78,8 @@ def edit_config(folder: Path, **changes) -> None:
     ({"model_type": "llava"}, "model_type"),
     ({"select_layer": -4}, "select_layer"),
 ])
-def test_unsupported_checkpoints_are_refused(changes: dict, message: str, golden_model_dir: Path, tmp_path: Path) -> None:
+def test_unsupported_checkpoints_are_refused(changes: dict, message: str, golden_model_dir: Path,
+                                             tmp_path: Path) -> None:
     folder = copy_folder(golden_model_dir, tmp_path / "m")
     edit_config(folder, **changes)
     with pytest.raises(VlmHpcError, match=message):

@@ -37,7 +37,8 @@ def random_cases(count: int, seed: int) -> list[tuple[int, int, int, int]]:
     for _ in range(count):
         if rng.random() < 0.3:
             out_w = rng.choice([448, 101, 37, 8, 3])
-            cases.append((int(out_w * rng.uniform(6, 14)) + rng.randint(0, 5), rng.randint(1, 30), out_w, rng.randint(1, 30)))
+            source_w = int(out_w * rng.uniform(6, 14)) + rng.randint(0, 5)
+            cases.append((source_w, rng.randint(1, 30), out_w, rng.randint(1, 30)))
         else:
             cases.append((rng.randint(1, 1600), rng.randint(1, 1600), 448 * rng.randint(1, 4), 448 * rng.randint(1, 4)))
     return cases
@@ -62,7 +63,8 @@ def ours_planes(pixels: np.ndarray, out_w: int, out_h: int, path: str, pixel_str
     source = pixels if pixel_stride == 3 else np.pad(pixels, ((0, 0), (0, 0), (0, 1)))
     tile = math.gcd(out_w, out_h)
     tiles = np.empty((out_h // tile, out_w // tile, 3, tile, tile), np.uint8)
-    bicubic.resize_tiles(source, width, height, width * pixel_stride, pixel_stride, out_w, out_h, tile, tiles, path=path)
+    bicubic.resize_tiles(source, width, height, width * pixel_stride, pixel_stride, out_w, out_h, tile, tiles,
+                         path=path)
     return tiles.transpose(2, 0, 3, 1, 4).reshape(3, out_h, out_w)
 
 
@@ -73,7 +75,8 @@ def test_every_path_equals_pillow(path: str, pixel_stride: int) -> None:
     bad = []
     for seed, (in_w, in_h, out_w, out_h) in enumerate(cases):
         pixels = content(in_w, in_h, seed)
-        if not np.array_equal(ours_planes(pixels, out_w, out_h, path, pixel_stride), pillow_planes(pixels, out_w, out_h)):
+        ours = ours_planes(pixels, out_w, out_h, path, pixel_stride)
+        if not np.array_equal(ours, pillow_planes(pixels, out_w, out_h)):
             bad.append((in_w, in_h, out_w, out_h))
     assert bad == [], f"{path} stride {pixel_stride}: differs from Pillow on {bad}"
 

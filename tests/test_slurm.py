@@ -20,9 +20,9 @@ import pytest
 from builders import slow_dataset, wait_for, write_config
 from golden import GOLDEN
 from vlm_hpc.config import load_config
+from vlm_hpc.run.slice_run import run_slice
 from vlm_hpc.status import collect
 from vlm_hpc.verify import verify
-from vlm_hpc.run.slice_run import run_slice
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.slurm
@@ -32,7 +32,8 @@ pytestmark = pytest.mark.slurm
 def slurm(tmp_path_factory: pytest.TempPathFactory):
     """A throw-away cluster for this module; its SLURM_CONF and sacct stand-in are put in os.environ."""
     if not shutil.which("slurmctld") and os.geteuid() != 0:
-        message = "Slurm is not installed and installing it needs root (apt-get install slurmctld slurmd slurm-client munge)"
+        message = ("Slurm is not installed and installing it needs root "
+                   "(apt-get install slurmctld slurmd slurm-client munge)")
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

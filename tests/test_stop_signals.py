@@ -23,8 +23,8 @@ def log_text(output: Path) -> str:
 
 @pytest.mark.parametrize("number", [signal.SIGUSR2, signal.SIGTERM], ids=["sigusr2", "sigterm"])
 @pytest.mark.parametrize("when", ["imports", "model_load"])
-def test_a_stop_signal_before_the_model_runs_stops_or_requeues_the_slice(number: int, when: str,
-                                                                         golden_model_dir: Path, tmp_path: Path) -> None:
+def test_a_stop_signal_before_the_model_runs_stops_or_requeues_the_slice(
+        number: int, when: str, golden_model_dir: Path, tmp_path: Path) -> None:
     data = slow_dataset(tmp_path / "data", 20)
     output = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", golden_model_dir, data, output)
@@ -91,7 +91,8 @@ def test_slice_job_restores_the_handlers_it_found(golden_model_dir: Path, tmp_pa
         jobs = submit(config, parse_array("0"), 1, "debug")
         summary = jobs[0].result()
         assert (summary["status"], summary["reason"]) == ("stopped", "kill_file")
-        assert signal.getsignal(signal.SIGUSR2) is submitit_handler and signal.getsignal(signal.SIGTERM) is submitit_handler
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler
+        assert signal.getsignal(signal.SIGTERM) is submitit_handler
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)

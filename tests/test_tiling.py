@@ -12,8 +12,15 @@ from safetensors.torch import load_file
 
 from golden import GOLDEN, load_golden
 from vlm_hpc.preprocess.decode import blend_onto_white, decode_image
-from vlm_hpc.preprocess.tiling import (IMAGENET_MEAN, IMAGENET_STD, choose_grid, normalize, normalize_by_table, tile_count,
-                            tile_image)
+from vlm_hpc.preprocess.tiling import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    choose_grid,
+    normalize,
+    normalize_by_table,
+    tile_count,
+    tile_image,
+)
 
 TILING = load_golden("tiling_golden.json")
 IMAGES = {item["key"]: item for item in TILING["images"]}

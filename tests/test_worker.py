@@ -14,13 +14,24 @@ from pathlib import Path
 
 import pytest
 
-from builders import (committed_rows, make_dataset, noise_dataset, png, read_captions, slice_state, slow_dataset,
-                      start_worker, stop, wait_for, write_config)
+from builders import (
+    committed_rows,
+    make_dataset,
+    noise_dataset,
+    png,
+    read_captions,
+    slice_state,
+    slow_dataset,
+    start_worker,
+    stop,
+    wait_for,
+    write_config,
+)
 from golden import GOLDEN, load_golden
 from vlm_hpc.config import load_config
 from vlm_hpc.engines.base import Engine, EngineOutOfMemory
-from vlm_hpc.verify import verify
 from vlm_hpc.run.slice_run import run_slice
+from vlm_hpc.verify import verify
 
 E2E = load_golden("e2e_golden.json")
 GOLDEN_CAPTIONS = dict(zip(E2E["batch"]["keys"], E2E["batch"]["responses"]))
@@ -72,9 +83,9 @@ def test_tile_budget_batches_sort_by_tiles_and_give_the_golden_captions(
     captions = read_captions(output)
     assert {key: captions[key]["vlm_caption"] for key in GOLDEN_CAPTIONS} == GOLDEN_CAPTIONS
     assert verify(output).ok and verify(output).captioned == 15
-    from vlm_hpc.run.readers import open_reader
     from vlm_hpc.preprocess.decode import decode_image
     from vlm_hpc.preprocess.tiling import tile_count
+    from vlm_hpc.run.readers import open_reader
     tiles = {}
     for row in open_reader(config.data).read(0, 15):
         try:
@@ -95,7 +106,8 @@ def bomb_png() -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     header = struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+            + chunk(b"IEND", b""))
 
 
 def test_bad_rows_are_recorded_and_the_slice_completes(golden_model_dir: Path, tmp_path: Path, shared_engine) -> None:
@@ -335,7 +347,8 @@ class MemoryLimitedEngine:
 
 def test_out_of_memory_splits_batches_then_retries_with_fewer_tiles(golden_model_dir: Path, tmp_path: Path,
                                                                     shared_engine) -> None:
-    rows = [(f"wide_{i}", png(i, (64, 48)), "w") for i in range(4)] + [(f"square_{i}", png(10 + i), "s") for i in range(4)]
+    rows = [(f"wide_{i}", png(i, (64, 48)), "w") for i in range(4)]
+    rows += [(f"square_{i}", png(10 + i), "s") for i in range(4)]
     data = make_dataset(tmp_path / "data", rows)  # 7 tiles each for wide_*, 1 for square_*
     captions = {}
     for budget in (100, 8, 5, 0):

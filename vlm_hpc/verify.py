@@ -13,18 +13,18 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vlm_hpc.run.checkpoint import CorruptIndex
-from vlm_hpc.run.committed import parse_record, read_slice_outputs
+from vlm_hpc.cluster.environment import JobEnvironment
 from vlm_hpc.config import DataSection, WorkerSection
 from vlm_hpc.errors import VlmHpcError, print_error
+from vlm_hpc.run.checkpoint import CorruptIndex
+from vlm_hpc.run.committed import parse_record, read_slice_outputs
 from vlm_hpc.run.layout import OutputLayout
-from vlm_hpc.cluster.environment import JobEnvironment
 from vlm_hpc.run.lease import SliceBusy, SliceLease
 from vlm_hpc.run.manifest import RunManifest, load_manifest
 from vlm_hpc.run.outputs import OUTPUT_FORMATS, output_format
 from vlm_hpc.run.outputs.base import OutputFormat, SliceKeys
-from vlm_hpc.run.repair import load_index, rebuild_index, repair_command
 from vlm_hpc.run.readers import RowReader, open_reader
+from vlm_hpc.run.repair import load_index, rebuild_index, repair_command
 from vlm_hpc.run.slicing import slice_bounds
 
 PROBLEMS = ("lost", "duplicate", "orphan", "corrupt")
@@ -53,7 +53,8 @@ def _lease_record_problem(record: object) -> str | None:
     if record.get("released") is True:  # a released lease keeps its generation
         expected = {"generation": (int,)}
     else:
-        expected = {"host": (str,), "pid": (int,), "heartbeat": (int, float), "token": (str,)}  # + generation since v0.2
+        # Held leases written before generations existed have none: not corrupt.
+        expected = {"host": (str,), "pid": (int,), "heartbeat": (int, float), "token": (str,)}
     wrong = [name for name, types in expected.items()
              if not isinstance(record.get(name), types) or isinstance(record.get(name), bool)]
     return f"fields {wrong} are missing or of the wrong type" if wrong else None

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vlm_hpc.cluster.array_spec import format_indices
+from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.checkpoint import CorruptIndex, SliceIndex, intervals_of
 from vlm_hpc.run.committed import AppendOnlyFile, Line, SliceOutputs, damage_hint, read_slice_outputs
 from vlm_hpc.run.durable import truncate_to, write_atomic
-from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.outputs.base import OutputFormat, SliceKeys
 

@@ -37,8 +37,8 @@ from vlm_hpc.run.manifest import ManifestCheck, ensure_manifest
 from vlm_hpc.run.outputs import output_format
 from vlm_hpc.run.pins import PinnedSettings, pinned_settings
 from vlm_hpc.run.prefetch import PreparedBatch, PreparedRow, SliceBatches, batch_loader
-from vlm_hpc.run.repair import repair_on_resume, resume_index
 from vlm_hpc.run.readers import RowReader, open_reader
+from vlm_hpc.run.repair import repair_on_resume, resume_index
 from vlm_hpc.run.slicing import slice_bounds
 from vlm_hpc.run.stop import BatchAbandoned, StopRequest
 from vlm_hpc.run.writer import RowOutcome, SliceWriter
@@ -160,7 +160,8 @@ def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowReader, 
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise VlmHpcError(f"output: cannot write to {layout.root} ({exc}); set output.dir to a writable folder") from None
+        raise VlmHpcError(f"output: cannot write to {layout.root} ({exc}); set output.dir to a writable "
+                          "folder") from None
     return rows, layout, pinned_settings(config, folder)
 
 
