@@ -30,12 +30,10 @@ Exit status 0 when every checked output is bit-identical, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import hashlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -49,6 +47,7 @@ import PIL
 import torch
 from PIL import Image
 
+from harness import Stopwatch, machine_info, run_info, write_results
 from seed_reference import (
     reference_crop_tiles,
     reference_grid,
@@ -198,10 +197,10 @@ class PassTimes:
 def time_pass(pipeline: Callable[[bytes, int], torch.Tensor], blobs: list[bytes], max_num: int) -> tuple[float, float]:
     """Wall and process-CPU seconds for one pass of `pipeline` over all images."""
     gc.collect()  # start every pass from the same collector state
-    wall_start, cpu_start = time.perf_counter(), time.process_time()
+    watch = Stopwatch()
     for blob in blobs:
         pipeline(blob, max_num)
-    return time.perf_counter() - wall_start, time.process_time() - cpu_start
+    return watch.wall_s(), watch.cpu_s()
 
 
 def time_pipelines(corpus: Corpus, max_num: int, repeats: int, chosen: list[Pipeline]) -> dict[str, PassTimes]:
@@ -326,25 +325,6 @@ def pin_to_one_cpu(cpu: int | None) -> int | None:
     return chosen
 
 
-def machine_info() -> dict[str, object]:
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pillow": PIL.__version__,
-        "numpy": np.__version__,
-        "resampler": resampler(),
-        "platform": platform.platform(),
-    }
-
-
 def load_average() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
@@ -450,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         count = len(corpus.blobs)
         record = {
-            "command": sys.argv,
+            **run_info(),
             "images_dir": str(args.images),
             "images": count,
             "corpus_bytes": corpus.total_bytes,
@@ -459,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "pinned_cpu": cpu,
             "tiles_per_pass": identity.tiles,
-            "machine": machine_info(),
+            "machine": machine_info(pillow=PIL.__version__, numpy=np.__version__, resampler=resampler()),
             "ld_library_path": os.environ.get("LD_LIBRARY_PATH"),
             "load_average_before": load_before,
             "load_average_after": load_average(),
@@ -484,8 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             "stages_ms_per_image": stages,
             "golden": golden,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        write_results(args.json, record)
     print(f"speedup {speedup:.2f} identical={'yes' if identical else 'no'}")
     return 0 if identical else 1
 
