@@ -66,7 +66,7 @@ def reference_mode_handling(image: Image.Image) -> Image.Image:
 
 def reference_candidate_grids(max_num: int, min_num: int = 1) -> list[tuple[int, int]]:
     """Every (cols, rows) with min_num <= cols*rows <= max_num, as a set sorted by area; rebuilt per image, as
-    the seed does."""
+    the seed does (not vlm_hpc's cached `candidate_grids`: the reference stays independent of what it checks)."""
     grids = {
         (cols, rows)
         for n in range(min_num, max_num + 1)
