@@ -19,15 +19,15 @@ peak GPU memory.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import GenerationConfig, InternVLForConditionalGeneration
 
+from harness import Stopwatch, machine_info, run_info, write_results
 from vlm_hpc.engines.transformers import generate_new_tokens, memory_costs
 from vlm_hpc.internvl.weight_mapping import native_config, num_image_token
 from vlm_hpc.preprocess.tiling import tile_count
@@ -105,7 +105,7 @@ def run_batches(model, image_token: int, workload: list[int], batches: list[list
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    began = time.perf_counter()
+    watch = Stopwatch()
     for batch in batches:
         counts = [workload[i] for i in batch]
         lengths = [1 + TEXT_TOKENS + 2 + per_tile * n for n in counts]
@@ -126,7 +126,7 @@ def run_batches(model, image_token: int, workload: list[int], batches: list[list
         generated += output.shape[1] * len(counts)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - began
+    seconds = watch.wall_s()
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     return {"seconds": seconds, "tokens": generated, "peak_gib": memory, "batches": len(batches)}
 
@@ -198,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['tokens_per_s']:>8.1f} {row['tflops']:>8.2f} {100 * row['peak_fraction']:>5.1f}% "
                   f"{row['peak_gib'] or 0:>6.1f} {row['speedup_vs_baseline']:>6.2f}x", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "parameters": counts,
-                                         "results": results}, indent=1))
+        gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None
+        write_results(args.json, {**run_info(), "machine": machine_info(transformers=transformers.__version__, gpu=gpu),
+                                  "args": vars(args) | {"json": str(args.json)}, "parameters": counts,
+                                  "results": results}, indent=1)
     return 0
 
 

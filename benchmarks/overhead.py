@@ -11,12 +11,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import datasets
@@ -24,6 +22,7 @@ import torch
 
 import vlm_hpc.run.prefetch as prefetch
 import vlm_hpc.run.slice_run as worker
+from harness import Stopwatch, run_info, write_results
 from vlm_hpc.config import load_config
 from vlm_hpc.engines.base import Caption, Engine
 from vlm_hpc.run.checkpoint import SliceIndex
@@ -66,9 +65,9 @@ def throughput(work: Path, model: Path, data: Path, rows: int, output_format: st
     config = load_config(None, [f"model.path={model}", f"data.path={data}", f"output.dir={output}",
                                 f"output.format={output_format}", f"generation.batch_size={batch_size}",
                                 "worker.loader_workers=2", "output.max_sample_images=1"])
-    began = time.perf_counter()
+    watch = Stopwatch()
     outcome = worker.run_slice(config, 0, 1, engine_factory=lambda _: NullEngine())
-    seconds = time.perf_counter() - began
+    seconds = watch.wall_s()
     assert outcome.status == "done" and outcome.index.captions == rows, outcome
     return rows / seconds
 
@@ -85,10 +84,10 @@ def resume_startup(work: Path, model: Path, data: Path, rows: int, batch_size: i
     SliceIndex(slice=0, num_slices=1, start=0, stop=rows, done=[[0, rows - batch_size]],
                captions=rows - batch_size, status="stopped").save(layout.index_file(0))
     reached: list[float] = []
-    began = time.perf_counter()
+    watch = Stopwatch()
 
     def factory(_config):
-        reached.append(time.perf_counter() - began)
+        reached.append(watch.wall_s())
         return NullEngine()
 
     worker.run_slice(config, 0, 1, engine_factory=factory)
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = write_tiny_model(work / "model")
         data = make_dataset(work / "data", args.rows)
-        results = {"rows": args.rows, "batch_size": args.batch_size, "machine": platform.platform(),
+        results = {**run_info(), "rows": args.rows, "batch_size": args.batch_size, "machine": platform.platform(),
                    "python": platform.python_version()}
         for output_format in ("json", "jsonl"):
             results[f"{output_format}_rows_per_s"] = throughput(work, model, data, args.rows, output_format,
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         results["resume_startup_s"] = resume_startup(work, model, big, args.resume_rows, args.batch_size)
         print(f"resume start-up with {args.resume_rows} committed rows: {results['resume_startup_s']:.2f} s")
         if args.json:
-            args.json.write_text(json.dumps(results, indent=1))
+            write_results(args.json, results, indent=1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -4,12 +4,9 @@
                                     [--stages] [--golden tests/fixtures/golden/tiling_golden.json]
 
 What it measures
-* REFERENCE: the seed's steps, re-written here from their semantics (`reference_preprocess`): ROVI's
-  `process_types_of_img` (PIL open; RGBA/LA/RGBa/La/CMYK and P-with-transparency are blended onto white in
-  float64 numpy, everything else `convert('RGB')`), InternVL's `dynamic_preprocess` (closest-aspect grid, one
-  default-filter resize, row-major crops, a 448x448 resize thumbnail when there is more than one tile), then per
-  tile torchvision's ToTensor + Normalize (re-written with the same torch ops in the same order, because the
-  torchvision wheel does not import on CPU torch) and `torch.stack`.
+* REFERENCE: the seed's steps, re-written from their semantics in `seed_reference.py` (`reference_preprocess`):
+  ROVI's `process_types_of_img`, InternVL's `dynamic_preprocess`, then per tile torchvision's ToTensor +
+  Normalize and `torch.stack`.
 * OURS: `normalize(tile_image(decode_image(data).image, max_num))` from the package, and the same without
   `normalize` ("uint8" line), which is what a worker does when the engine normalizes on the GPU.
 
@@ -33,174 +30,43 @@ Exit status 0 when every checked output is bit-identical, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import hashlib
-import io
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import PIL
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 
+from harness import Stopwatch, machine_info, run_info, write_results
+from seed_reference import (
+    reference_crop_tiles,
+    reference_grid,
+    reference_mode_handling,
+    reference_open,
+    reference_preprocess,
+    reference_resize_to_grid,
+    reference_thumbnail,
+    reference_tile_transform,
+    reference_truncation_setting,
+)
 from vlm_hpc.preprocess.decode import decode_image
 from vlm_hpc.preprocess.resampling import resampler
 from vlm_hpc.preprocess.tiling import normalize, tile_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
-# The seed's constants (InternVL / ROVI).
-REFERENCE_TILE_SIZE = 448
-REFERENCE_MEAN = (0.485, 0.456, 0.406)
-REFERENCE_STD = (0.229, 0.224, 0.225)
-REFERENCE_BLENDED_MODES = ("RGBA", "LA", "RGBa", "La", "CMYK")
-
 # A pinned single-threaded pass that got less CPU than this share of its wall time was preempted.
 PREEMPTED_CPU_OVER_WALL = 0.9
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reference: the seed's preprocessing, step by step. Each stage is its own function so --stages can time it.
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def reference_truncation_setting() -> Iterator[None]:
-    """The seed sets PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True at import; scope it to the reference, so that
-    vlm_hpc's decoder runs with Pillow's default, as it does in production."""
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = True
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
-def reference_open(data: bytes) -> Image.Image:
-    """PIL open + decode. The seed decodes lazily inside `convert`; loading here only lets us time it apart."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-def reference_mode_handling(image: Image.Image) -> Image.Image:
-    """ROVI's process_types_of_img after the open: blend transparency onto white in float64, else to RGB."""
-    if image.mode in REFERENCE_BLENDED_MODES or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-    else:
-        image = image.convert("RGB")  # a full copy even when the image is already RGB
-    if image.mode == "RGBA":
-        pixels = np.array(image)
-        alpha = pixels[:, :, 3, np.newaxis]
-        blended = alpha / 255 * pixels[..., :3] + 255 - alpha  # float64, in this operation order
-        image = Image.fromarray(np.rint(blended.clip(min=0, max=255)).astype(np.uint8), "RGB")
-    return image
-
-
-def reference_candidate_grids(max_num: int, min_num: int = 1) -> list[tuple[int, int]]:
-    """Every (cols, rows) with min_num <= cols*rows <= max_num, as a set sorted by area; rebuilt per image, as
-    the seed does."""
-    grids = {
-        (cols, rows)
-        for n in range(min_num, max_num + 1)
-        for cols in range(1, n + 1)
-        for rows in range(1, n + 1)
-        if min_num <= cols * rows <= max_num
-    }
-    return sorted(grids, key=lambda grid: grid[0] * grid[1])
-
-
-def reference_closest_grid(width: int, height: int, grids: list[tuple[int, int]]) -> tuple[int, int]:
-    """Closest aspect ratio; on an exact tie, a later grid wins if the image area exceeds half the grid's area."""
-    aspect = width / height
-    area = width * height
-    best_diff = float("inf")
-    best = (1, 1)
-    for cols, rows in grids:
-        diff = abs(aspect - cols / rows)
-        if diff < best_diff:
-            best_diff, best = diff, (cols, rows)
-        elif diff == best_diff and area > 0.5 * REFERENCE_TILE_SIZE * REFERENCE_TILE_SIZE * cols * rows:
-            best = (cols, rows)
-    return best
-
-
-def reference_grid(image: Image.Image, max_num: int) -> tuple[int, int]:
-    return reference_closest_grid(image.width, image.height, reference_candidate_grids(max_num))
-
-
-def reference_resize_to_grid(image: Image.Image, grid: tuple[int, int]) -> Image.Image:
-    """One resize to the whole grid, with PIL's default filter (BICUBIC for RGB in Pillow 13)."""
-    cols, rows = grid
-    return image.resize((REFERENCE_TILE_SIZE * cols, REFERENCE_TILE_SIZE * rows))
-
-
-def reference_crop_tiles(resized: Image.Image, grid: tuple[int, int]) -> list[Image.Image]:
-    """Tiles cut row-major with `crop`, as dynamic_preprocess does."""
-    cols, rows = grid
-    size = REFERENCE_TILE_SIZE
-    tiles = []
-    for index in range(cols * rows):
-        left, top = (index % cols) * size, (index // cols) * size
-        tiles.append(resized.crop((left, top, left + size, top + size)))
-    return tiles
-
-
-def reference_thumbnail(image: Image.Image) -> Image.Image:
-    """The seed's 'thumbnail' is a plain 448x448 resize of the whole image (aspect ratio not kept)."""
-    return image.resize((REFERENCE_TILE_SIZE, REFERENCE_TILE_SIZE))
-
-
-def reference_dynamic_preprocess(image: Image.Image, max_num: int) -> list[Image.Image]:
-    grid = reference_grid(image, max_num)
-    tiles = reference_crop_tiles(reference_resize_to_grid(image, grid), grid)
-    if len(tiles) != 1:
-        tiles.append(reference_thumbnail(image))
-    return tiles
-
-
-def reference_to_tensor(tile: Image.Image) -> torch.Tensor:
-    """torchvision's ToTensor on an 8-bit RGB PIL image: copy to HWC uint8, make it CHW, float32, / 255."""
-    pixels = torch.from_numpy(np.array(tile, np.uint8, copy=True))
-    pixels = pixels.view(tile.height, tile.width, len(tile.getbands()))
-    pixels = pixels.permute((2, 0, 1)).contiguous()
-    return pixels.to(dtype=torch.float32).div(255)
-
-
-def reference_normalize(tensor: torch.Tensor) -> torch.Tensor:
-    """torchvision's Normalize (not in place): clone, then sub_(mean) and div_(std) with float32 [3,1,1] tensors."""
-    tensor = tensor.clone()
-    mean = torch.as_tensor(REFERENCE_MEAN, dtype=tensor.dtype, device=tensor.device)
-    std = torch.as_tensor(REFERENCE_STD, dtype=tensor.dtype, device=tensor.device)
-    if (std == 0).any():  # torchvision checks this on every call; kept for the same cost
-        raise ValueError("std evaluated to zero")
-    return tensor.sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
-
-
-def reference_tile_transform(tile: Image.Image) -> torch.Tensor:
-    # The seed's per-tile Compose also has Lambda(convert RGB if not RGB) and Resize((448, 448), BICUBIC).
-    # Tiles are already RGB and 448x448, and torchvision's resize returns its input unchanged when the size
-    # already matches, so both are no-ops; only ToTensor and Normalize do work.
-    return reference_normalize(reference_to_tensor(tile))
-
-
-def reference_preprocess(data: bytes, max_num: int) -> torch.Tensor:
-    """The seed's image bytes -> float32 pixel_values [n, 3, 448, 448]."""
-    with reference_truncation_setting(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. Pillow's warning for P images with a bytes alpha table
-        image = reference_mode_handling(reference_open(data))
-        tiles = reference_dynamic_preprocess(image, max_num)
-        return torch.stack([reference_tile_transform(tile) for tile in tiles])
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Ours: the package's implementation, called exactly as the caption worker calls it.
@@ -331,10 +197,10 @@ class PassTimes:
 def time_pass(pipeline: Callable[[bytes, int], torch.Tensor], blobs: list[bytes], max_num: int) -> tuple[float, float]:
     """Wall and process-CPU seconds for one pass of `pipeline` over all images."""
     gc.collect()  # start every pass from the same collector state
-    wall_start, cpu_start = time.perf_counter(), time.process_time()
+    watch = Stopwatch()
     for blob in blobs:
         pipeline(blob, max_num)
-    return time.perf_counter() - wall_start, time.process_time() - cpu_start
+    return watch.wall_s(), watch.cpu_s()
 
 
 def time_pipelines(corpus: Corpus, max_num: int, repeats: int, chosen: list[Pipeline]) -> dict[str, PassTimes]:
@@ -459,25 +325,6 @@ def pin_to_one_cpu(cpu: int | None) -> int | None:
     return chosen
 
 
-def machine_info() -> dict[str, object]:
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pillow": PIL.__version__,
-        "numpy": np.__version__,
-        "resampler": resampler(),
-        "platform": platform.platform(),
-    }
-
-
 def load_average() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
@@ -583,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         count = len(corpus.blobs)
         record = {
-            "command": sys.argv,
+            **run_info(),
             "images_dir": str(args.images),
             "images": count,
             "corpus_bytes": corpus.total_bytes,
@@ -592,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "pinned_cpu": cpu,
             "tiles_per_pass": identity.tiles,
-            "machine": machine_info(),
+            "machine": machine_info(pillow=PIL.__version__, numpy=np.__version__, resampler=resampler()),
             "ld_library_path": os.environ.get("LD_LIBRARY_PATH"),
             "load_average_before": load_before,
             "load_average_after": load_average(),
@@ -617,8 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             "stages_ms_per_image": stages,
             "golden": golden,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        write_results(args.json, record)
     print(f"speedup {speedup:.2f} identical={'yes' if identical else 'no'}")
     return 0 if identical else 1
 
