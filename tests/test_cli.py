@@ -13,8 +13,8 @@ ROOT = Path(__file__).parent.parent
 
 
 def test_every_command_has_a_main_and_the_entry_point_is_declared() -> None:
-    for module in cli.COMMANDS.values():
-        assert callable(importlib.import_module(module).main), module
+    for command, module in cli.COMMANDS.items():
+        assert cli.command_main(command) is importlib.import_module(module).main, command
     assert '[project.scripts]\nvlm-hpc = "vlm_hpc.cli:main"\n' in (ROOT / "pyproject.toml").read_text()
 
 

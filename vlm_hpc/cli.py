@@ -6,8 +6,8 @@ A command's module is imported only once it is chosen, so `vlm-hpc status` does 
 
 from __future__ import annotations
 
-import importlib
 import sys
+from collections.abc import Callable
 
 # Subcommand -> the module whose `main(argv) -> int` runs it.
 COMMANDS = {
@@ -35,7 +35,29 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"{USAGE}\nerror: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return importlib.import_module(COMMANDS[command]).main(rest)
+    return command_main(command)(rest)
+
+
+def command_main(command: str) -> Callable[[list[str] | None], int]:
+    """The chosen command's main, imported only now; plain imports of our own modules, never a computed name."""
+    match command:
+        case "submit":
+            from vlm_hpc.submit import main
+        case "worker":
+            from vlm_hpc.worker import main
+        case "status":
+            from vlm_hpc.status import main
+        case "verify":
+            from vlm_hpc.verify import main
+        case "caption":
+            from vlm_hpc.caption import main
+        case "convert":
+            from vlm_hpc.convert import main
+        case "tiny-model":
+            from vlm_hpc.tiny_model import main
+        case _:
+            raise KeyError(command)
+    return main
 
 
 if __name__ == "__main__":
