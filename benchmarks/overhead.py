@@ -25,7 +25,7 @@ import vlm_hpc.run.slice_run as worker
 from harness import Stopwatch, run_info, write_results
 from vlm_hpc.config import load_config
 from vlm_hpc.engines.base import Caption, Engine
-from vlm_hpc.run.checkpoint import SliceIndex
+from vlm_hpc.run.checkpoint import SliceCheckpoint
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.manifest import ensure_manifest
 from vlm_hpc.tiny_model import write_tiny_model
@@ -68,7 +68,7 @@ def throughput(work: Path, model: Path, data: Path, rows: int, output_format: st
     watch = Stopwatch()
     outcome = worker.run_slice(config, 0, 1, engine_factory=lambda _: NullEngine())
     seconds = watch.wall_s()
-    assert outcome.status == "done" and outcome.index.captions == rows, outcome
+    assert outcome.status == "done" and outcome.checkpoint.captions == rows, outcome
     return rows / seconds
 
 
@@ -81,7 +81,7 @@ def resume_startup(work: Path, model: Path, data: Path, rows: int, batch_size: i
     rows_source, layout, pins = worker.check_inputs(config, 0, 1)
     ensure_manifest(layout, rows_source, config, 1, pins)  # made once by the first start; not part of a resume
     layout.state_dir.mkdir(parents=True, exist_ok=True)
-    SliceIndex(slice=0, num_slices=1, start=0, stop=rows, done=[[0, rows - batch_size]],
+    SliceCheckpoint(slice=0, num_slices=1, start=0, stop=rows, done=[[0, rows - batch_size]],
                captions=rows - batch_size, status="stopped").save(layout.index_file(0))
     reached: list[float] = []
     watch = Stopwatch()

@@ -10,7 +10,7 @@ from vlm_hpc.cluster.array_spec import format_indices, parse_array, split_for_ma
 from vlm_hpc.config import load_config
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.internvl.prompt import CAPTION_QUESTION
-from vlm_hpc.run.checkpoint import SliceIndex, add_interval
+from vlm_hpc.run.checkpoint import SliceCheckpoint, add_interval
 from vlm_hpc.run.layout import OutputLayout, key_to_relpath, relpath_to_key
 from vlm_hpc.run.slicing import slice_bounds
 
@@ -104,7 +104,7 @@ def test_intervals_merge_and_pending_rows() -> None:
     for start, stop in [(5, 6), (0, 2), (2, 4), (7, 9), (4, 5)]:
         intervals = add_interval(intervals, start, stop)
     assert intervals == [[0, 6], [7, 9]]
-    index = SliceIndex(slice=0, num_slices=1, start=0, stop=10, done=intervals)
+    index = SliceCheckpoint(slice=0, num_slices=1, start=0, stop=10, done=intervals)
     assert index.pending_rows() == [6, 9] and index.finished_rows == 8 and not index.complete
 
 

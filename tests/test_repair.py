@@ -17,7 +17,7 @@ import pytest
 from builders import make_dataset, png, read_captions, write_config
 from vlm_hpc.config import DataSection, load_config
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.run.checkpoint import SliceIndex
+from vlm_hpc.run.checkpoint import SliceCheckpoint
 from vlm_hpc.run.durable import append_durable
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.manifest import load_manifest
@@ -112,7 +112,7 @@ def test_damaged_append_only_file_is_repaired_on_resume(output_format: str, dama
     before = len(computed_rows(output))
     assert run_slice(config, 0, 1, engine_factory=shared_engine).status == "done"
     assert_like_reference(output, run)
-    state = SliceIndex.load(output / INDEX)
+    state = SliceCheckpoint.load(output / INDEX)
     assert [r["file"] for r in state.repairs if r["rows_pending"]] == [str(damaged)]
     log = (output / "logs" / "slice_00000.log").read_text()
     assert f"repaired {damaged}: " in log and "rows back to pending: " in log
@@ -131,10 +131,10 @@ def test_repair_is_the_same_after_a_crash_before_the_index_is_saved(finished_run
     old_index = (output / INDEX).read_bytes()
     results = []
     for _ in range(2):  # the second time the jsonl is already rewritten, but the index is the old one
-        state = SliceIndex.load(output / INDEX)
+        state = SliceCheckpoint.load(output / INDEX)
         repair_on_resume(JsonlFile(layout, 0), state, lambda: rows.keys(0, rows.num_rows), manifest.duplicate_rows,
                          logging.getLogger("test"))
-        saved = SliceIndex.load(output / INDEX)
+        saved = SliceCheckpoint.load(output / INDEX)
         pending = {row for repair in saved.repairs for a, b in repair["rows_pending"] for row in range(a, b)}
         results.append((saved.done, saved.captions, saved.failures, saved.captions_offset, saved.failures_offset,
                         pending, (output / JSONL).read_bytes(), (output / LEDGER).read_bytes()))
@@ -232,7 +232,7 @@ def test_append_durable_refuses_to_pad_a_short_file_and_still_cuts_an_uncommitte
 
 def test_old_indexes_without_repairs_load_and_every_field_has_a_type_check(tmp_path: Path) -> None:
     from vlm_hpc.run.checkpoint import _FIELD_TYPES
-    assert set(_FIELD_TYPES) == {f.name for f in fields(SliceIndex)}
+    assert set(_FIELD_TYPES) == {f.name for f in fields(SliceCheckpoint)}
     path = tmp_path / "slice_00000.json"
     path.write_text(json.dumps({"slice": 0, "num_slices": 1, "start": 0, "stop": 4, "done": [[0, 2]], "captions": 2}))
-    assert SliceIndex.load(path).repairs == [] and SliceIndex.load(path).finished_rows == 2
+    assert SliceCheckpoint.load(path).repairs == [] and SliceCheckpoint.load(path).finished_rows == 2

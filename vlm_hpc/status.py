@@ -17,7 +17,7 @@ from pathlib import Path
 from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.array_spec import format_indices
 from vlm_hpc.errors import VlmHpcError, print_error
-from vlm_hpc.run.checkpoint import CorruptIndex, SliceIndex
+from vlm_hpc.run.checkpoint import CorruptIndex, SliceCheckpoint
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import read_lease
 from vlm_hpc.run.manifest import load_manifest
@@ -84,7 +84,7 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
         total = stop - start
         slurm_state = slurm_states.get(jobs.get(index, ""))
         try:
-            state = SliceIndex.load(layout.index_file(index))
+            state = SliceCheckpoint.load(layout.index_file(index))
         except CorruptIndex as exc:
             statuses.append(SliceStatus(index, "corrupt", 0, total, 0, None, None, None, slurm_state,
                                         f"{exc.problem}; run: {repair_command(layout)}"))

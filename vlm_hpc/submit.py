@@ -24,7 +24,7 @@ from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.array_spec import ArraySpec, format_indices, parse_array, split_for_max_array_size
 from vlm_hpc.config import RunConfig, load_config
 from vlm_hpc.errors import VlmHpcError, print_error
-from vlm_hpc.run.checkpoint import CorruptIndex, SliceIndex
+from vlm_hpc.run.checkpoint import CorruptIndex, SliceCheckpoint
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import live_holder
 from vlm_hpc.run.manifest import ensure_manifest, load_manifest
@@ -57,9 +57,9 @@ class SliceJob(submitit.helpers.Checkpointable):
         finally:
             stop.uninstall()
         summary = {"slice": slice_index, "status": outcome.status, "reason": outcome.reason,
-                   "captions": outcome.index.captions, "failures": outcome.index.failures}
+                   "captions": outcome.checkpoint.captions, "failures": outcome.checkpoint.failures}
         under_slurm = submitit.JobEnvironment().cluster == "slurm"
-        if outcome.status == "requeue" and under_slurm:
+        if outcome.status == "requeued" and under_slurm:
             resend_time_limit_warning()  # submitit's handler requeues this task and exits
         if outcome.status != "done" and under_slurm:
             sys.exit(0)  # no result pickle: the slice is not finished, whatever Slurm calls the task
@@ -118,7 +118,7 @@ def _pending_slices(layout: OutputLayout, spec: ArraySpec, stale_seconds: float)
     todo, skipped = [], []
     for index in spec.indices:
         try:
-            state = SliceIndex.load(layout.index_file(index))
+            state = SliceCheckpoint.load(layout.index_file(index))
         except CorruptIndex as exc:
             raise VlmHpcError(f"{exc}; rebuild it first: {repair_command(layout)}") from None
         if state is not None and state.complete:

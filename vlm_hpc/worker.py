@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run_slice(config, args.slice, args.num_slices, accept_changes=args.accept_changes)
     except VlmHpcError as exc:
         return print_error(exc)
-    if outcome.status == "requeue":
+    if outcome.status == "requeued":
         print(slurm.requeue(JobEnvironment.current().slurm_task), file=sys.stderr)
         return 3
     return 0

@@ -1,6 +1,6 @@
 """The checkpoint index of one slice: which rows are finished, where the append-only files end, why it stopped.
 
-Commit protocol (see `writer`): a batch's outputs are made durable first, then `SliceIndex.commit` rewrites
+Commit protocol (see `writer`): a batch's outputs are made durable first, then `SliceCheckpoint.commit` rewrites
 the index atomically. A crash before the index write leaves the batch uncommitted: its files are
 overwritten (json) or its appended tail cut off (jsonl, failure ledger) when the slice resumes.
 """
@@ -22,7 +22,7 @@ CheckpointStatus = Literal["pending", "running", "stopped", "requeued", "done", 
 
 
 class CorruptIndex(VlmHpcError):
-    """An index file that exists but cannot be what `SliceIndex.save` wrote; `problem` says what is wrong."""
+    """An index file that exists but cannot be what `SliceCheckpoint.save` wrote; `problem` says what is wrong."""
 
     def __init__(self, path: Path, problem: str) -> None:
         super().__init__(f"{path} is corrupt: {problem}")
@@ -62,7 +62,7 @@ def rows_in(intervals: list[list[int]]) -> int:
 
 
 @dataclass
-class SliceIndex:
+class SliceCheckpoint:
     """state/slice_{I}.json. `done` holds row intervals that are committed or in the failure ledger."""
 
     slice: int
@@ -109,7 +109,7 @@ class SliceIndex:
         return pending
 
     @classmethod
-    def load(cls, path: Path) -> SliceIndex | None:
+    def load(cls, path: Path) -> SliceCheckpoint | None:
         """The index at `path`, None if there is none; CorruptIndex if its content is anything else."""
         try:
             data = path.read_bytes()
@@ -120,7 +120,7 @@ class SliceIndex:
         return cls.parse(data, path)
 
     @classmethod
-    def parse(cls, data: bytes, path: Path) -> SliceIndex:
+    def parse(cls, data: bytes, path: Path) -> SliceCheckpoint:
         """Check every field's type and the intervals' order, so that no later step trips over a bad value."""
         try:
             raw = json.loads(data.decode("utf-8"))

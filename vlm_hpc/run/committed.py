@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vlm_hpc.run.checkpoint import SliceIndex
+from vlm_hpc.run.checkpoint import SliceCheckpoint
 
 if TYPE_CHECKING:  # the output formats build on this module's scans
     from vlm_hpc.run.outputs.base import CommittedCaptions, OutputFormat, SliceKeys
@@ -150,7 +150,7 @@ class SliceOutputs:
         return self.captions.rows
 
 
-def read_slice_outputs(output: OutputFormat, rows: SliceKeys, index: SliceIndex | None) -> SliceOutputs:
+def read_slice_outputs(output: OutputFormat, rows: SliceKeys, index: SliceCheckpoint | None) -> SliceOutputs:
     """Read the slice of `output` (its `rows`) back, up to what `index` committed (None: no index, whole files)."""
     captions = output.read(rows, index)
     ledger = scan_append_only(output.layout.failures_file(output.slice_id),

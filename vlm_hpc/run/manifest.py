@@ -21,7 +21,7 @@ from filelock import FileLock, Timeout
 
 from vlm_hpc.config import DataSection, RunConfig
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.run.checkpoint import SliceIndex
+from vlm_hpc.run.checkpoint import SliceCheckpoint
 from vlm_hpc.run.durable import fsync_dir, write_atomic
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.outputs import OUTPUT_FORMATS
@@ -154,7 +154,7 @@ def _finished_rows(layout: OutputLayout, num_slices: int) -> dict[str, int]:
     """Rows finished by each slice that has started, as its index says now."""
     finished = {}
     for index in range(num_slices):
-        state = SliceIndex.load(layout.index_file(index))
+        state = SliceCheckpoint.load(layout.index_file(index))
         if state is not None:
             finished[str(index)] = state.finished_rows
     return finished

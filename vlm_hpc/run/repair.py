@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vlm_hpc.cluster.array_spec import format_indices
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.run.checkpoint import CorruptIndex, SliceIndex, intervals_of
+from vlm_hpc.run.checkpoint import CorruptIndex, SliceCheckpoint, intervals_of
 from vlm_hpc.run.committed import AppendOnlyFile, Line, SliceOutputs, damage_hint, read_slice_outputs
 from vlm_hpc.run.durable import truncate_to, write_atomic
 from vlm_hpc.run.layout import OutputLayout
@@ -31,10 +31,10 @@ def repair_command(layout: OutputLayout) -> str:
     return f"python -m vlm_hpc.verify {shlex.quote(str(layout.root))} --repair"
 
 
-def load_index(layout: OutputLayout, number: int, num_slices: int, start: int, stop: int) -> SliceIndex | None:
+def load_index(layout: OutputLayout, number: int, num_slices: int, start: int, stop: int) -> SliceCheckpoint | None:
     """Slice `number`'s index, None if there is none; CorruptIndex if it is damaged or is another slice's."""
     path = layout.index_file(number)
-    index = SliceIndex.load(path)
+    index = SliceCheckpoint.load(path)
     if index is not None and (index.slice, index.num_slices, index.start, index.stop) != (number, num_slices,
                                                                                            start, stop):
         raise CorruptIndex(path, f"it is slice {index.slice} of {index.num_slices} (rows [{index.start}, "
@@ -43,7 +43,7 @@ def load_index(layout: OutputLayout, number: int, num_slices: int, start: int, s
 
 
 def resume_index(layout: OutputLayout, number: int, num_slices: int, start: int, stop: int,
-                 output: OutputFormat) -> SliceIndex:
+                 output: OutputFormat) -> SliceCheckpoint:
     """The index to resume from, a new one for a slice never started, or one error naming the repair command."""
     try:
         index = load_index(layout, number, num_slices, start, stop)
@@ -55,7 +55,7 @@ def resume_index(layout: OutputLayout, number: int, num_slices: int, start: int,
         if path.exists() and path.stat().st_size > 0:  # a fresh start would cut its committed lines away
             raise VlmHpcError(f"{layout.index_file(number)} is missing but {path} holds committed lines; "
                               f"rebuild the index from them with: {repair_command(layout)}")
-    return SliceIndex(slice=number, num_slices=num_slices, start=start, stop=stop)
+    return SliceCheckpoint(slice=number, num_slices=num_slices, start=start, stop=stop)
 
 
 def _rewrite(scan: AppendOnlyFile, kept: list[Line], temp_dir: Path) -> int:
@@ -77,7 +77,7 @@ def _kept_lines(outputs: SliceOutputs, rows: set[int]) -> tuple[list[Line], list
     return pick(outputs.captions.lines), pick(outputs.ledger_lines)
 
 
-def repair_on_resume(output: OutputFormat, index: SliceIndex, keys: Callable[[], list[str | None]],
+def repair_on_resume(output: OutputFormat, index: SliceCheckpoint, keys: Callable[[], list[str | None]],
                      duplicate_rows: dict[str, int], log: logging.Logger) -> None:
     """If an append-only file looks damaged (`damage_hint`), scan the slice's outputs, send rows without an
     intact output back to pending, keep only intact lines, and save the index with what was repaired."""
@@ -125,7 +125,7 @@ def repair_on_resume(output: OutputFormat, index: SliceIndex, keys: Callable[[],
 
 
 def rebuild_index(output: OutputFormat, num_slices: int, start: int, keys: list[str | None],
-                  duplicate_rows: dict[str, int], why: str) -> SliceIndex:
+                  duplicate_rows: dict[str, int], why: str) -> SliceCheckpoint:
     """A new index for the slice of `output` from its intact outputs (its files cut to their intact lines first)."""
     layout, number = output.layout, output.slice_id
     outputs = read_slice_outputs(output, SliceKeys(start, keys, duplicate_rows), None)
@@ -140,7 +140,7 @@ def rebuild_index(output: OutputFormat, num_slices: int, start: int, keys: list[
     damage = [d.describe(d.path.name) for d in outputs.captions.damage if not d.whole_file]
     damage += [f"{outputs.ledger.path.name} {item}" for item in outputs.ledger.damage]
     damage += [d.describe(str(d.path)) for d in outputs.captions.damage if d.whole_file]
-    index = SliceIndex(slice=number, num_slices=num_slices, start=start, stop=start + len(keys),
+    index = SliceCheckpoint(slice=number, num_slices=num_slices, start=start, stop=start + len(keys),
                        done=intervals_of(done), captions=len(outputs.captioned), failures=len(outputs.failed),
                        failures_offset=failures_offset, status="stopped",
                        stop_reason="index rebuilt by verify --repair",

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from vlm_hpc import __version__
 from vlm_hpc.cluster.environment import JobEnvironment
@@ -29,7 +30,7 @@ from vlm_hpc.errors import VlmHpcError, io_error_line, io_problem
 from vlm_hpc.internvl.loading import inspect_model_folder, model_fingerprint
 from vlm_hpc.preprocess.resampling import resampler
 from vlm_hpc.run.batching import BatchLimits, BatchPlanner, memory_tile_budget, split_windows
-from vlm_hpc.run.checkpoint import SliceIndex
+from vlm_hpc.run.checkpoint import SliceCheckpoint
 from vlm_hpc.run.durable import remove_stale_temporaries, write_atomic
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import LeaseLost, SliceLease
@@ -133,9 +134,9 @@ def row_outcomes(batch: list[PreparedRow], captions: dict[int, Caption | None]) 
 
 @dataclass(frozen=True)
 class SliceOutcome:
-    status: str  # done | stopped | requeue
+    status: Literal["done", "stopped", "requeued"]  # the slice's status words, one meaning each
     reason: str | None
-    index: SliceIndex
+    checkpoint: SliceCheckpoint
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ class SliceRun:
         self.engine_factory = engine_factory
         self.first_row, self.end_row = slice_bounds(rows.num_rows, slice_id, count)
         self.writer = SliceWriter(layout, slice_id, output_format(config.output.format, layout, slice_id), lease)
-        self.state: SliceIndex | None = None  # read by `resume`; before that a crash has no index to be recorded in
+        self.state: SliceCheckpoint | None = None  # read by `resume`; before that a crash has no index to record
 
     @classmethod
     def start(cls, config: RunConfig, slice_id: int, count: int, engine_factory: EngineFactory,
@@ -238,7 +239,7 @@ class SliceRun:
             self.stop.uninstall()
             self.lease.release()
 
-    def resume(self) -> SliceIndex:
+    def resume(self) -> SliceCheckpoint:
         """The slice's index with everything an interrupted attempt left cleaned up: stale temporaries removed,
         outputs repaired and recovered to what the index committed (under the fence), the crash reserve
         written, and this attempt recorded as running."""
@@ -262,7 +263,7 @@ class SliceRun:
                       f"{resampler()}, {self.environment.describe()}")
         return state
 
-    def caption_pending(self, state: SliceIndex) -> SliceOutcome:
+    def caption_pending(self, state: SliceCheckpoint) -> SliceOutcome:
         """Load the engine, unless a stop came first, and caption the pending rows until done or stopped."""
         self.stop.install()
         engine = None if self.stop.requested else self.engine_factory(self.config)
@@ -322,7 +323,7 @@ class SliceRun:
             self.log.info(f"done: {state.captions} captions, {state.failures} failures")
         else:
             self.log.info(f"{status} ({reason}) with {state.finished_rows}/{state.total} rows done")
-        return SliceOutcome("requeue" if status == "requeued" else status, reason, state)
+        return SliceOutcome(status, reason, state)
 
     def record_crash(self, exc: BaseException) -> None:
         """Mark the slice crashed with a short reason ("disk full (ENOSPC) on PATH") where the index can still be

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlm_hpc.run.checkpoint import SliceIndex
+from vlm_hpc.run.checkpoint import SliceCheckpoint
 from vlm_hpc.run.durable import append_durable, truncate_to, write_atomic, write_many_atomic
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import SliceLease
@@ -50,7 +50,7 @@ class SliceWriter:
         self.lease = lease
         self.temp_dir = layout.temp_dir(slice_index)
 
-    def save_index(self, index: SliceIndex) -> None:
+    def save_index(self, index: SliceCheckpoint) -> None:
         """Rewrite the slice index (status changes), fenced by the lease."""
         with self.lease.fenced():
             index.save(self.layout.index_file(self.slice))
@@ -60,7 +60,7 @@ class SliceWriter:
         with self.lease.fenced():
             write_atomic(path, data)
 
-    def recover(self, index: SliceIndex) -> None:
+    def recover(self, index: SliceCheckpoint) -> None:
         """Cut append-only files back to what the index says was committed; drop half-written files."""
         if self.temp_dir.exists():
             shutil.rmtree(self.temp_dir)
@@ -68,13 +68,13 @@ class SliceWriter:
         self.output.recover(index)
         truncate_to(self.layout.failures_file(self.slice), index.failures_offset)
 
-    def commit_batch(self, outcomes: list[RowOutcome], index: SliceIndex, seconds: float) -> None:
+    def commit_batch(self, outcomes: list[RowOutcome], index: SliceCheckpoint, seconds: float) -> None:
         """Make every output of the batch durable, then record the batch in the index (the commit point);
         raises LeaseLost, writing nothing, when another worker holds the slice now."""
         with self.lease.fenced():
             self._commit_batch(outcomes, index, seconds)
 
-    def _commit_batch(self, outcomes: list[RowOutcome], index: SliceIndex, seconds: float) -> None:
+    def _commit_batch(self, outcomes: list[RowOutcome], index: SliceCheckpoint, seconds: float) -> None:
         captioned = [o for o in outcomes if o.caption is not None]
         staged = self.output.stage([CaptionRecord(o.row, o.key, o.web_caption, o.caption) for o in captioned], index)
         files = list(staged.files)

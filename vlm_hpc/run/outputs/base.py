@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from vlm_hpc.run.checkpoint import SliceIndex
+from vlm_hpc.run.checkpoint import SliceCheckpoint
 from vlm_hpc.run.committed import AppendOnlyFile, Line
 from vlm_hpc.run.layout import OutputLayout
 
@@ -109,22 +109,22 @@ class OutputFormat(ABC):
     # Write side: called by the writer inside the lease fence.
 
     @abstractmethod
-    def recover(self, index: SliceIndex) -> None:
+    def recover(self, index: SliceCheckpoint) -> None:
         """Bring the slice's caption files back to what `index` committed (a resume after a crash)."""
 
     @abstractmethod
-    def stage(self, records: Sequence[CaptionRecord], index: SliceIndex) -> StagedBatch:
+    def stage(self, records: Sequence[CaptionRecord], index: SliceCheckpoint) -> StagedBatch:
         """Write `records` (maybe none) durably, or return them as whole files for the writer to rename into place;
         the returned index state is recorded when the batch commits, and nothing is committed before that."""
 
     # Read side: nothing here writes.
 
     @abstractmethod
-    def read(self, rows: SliceKeys, index: SliceIndex | None) -> CommittedCaptions:
+    def read(self, rows: SliceKeys, index: SliceCheckpoint | None) -> CommittedCaptions:
         """The slice's intact captions and their damage, up to what `index` committed (None: no index, read all).
         Captions of rows the index does not mark done may be among them (a batch written just before a crash)."""
 
-    def committed_captions(self, rows: SliceKeys, index: SliceIndex) -> Iterator[CaptionRecord]:
+    def committed_captions(self, rows: SliceKeys, index: SliceCheckpoint) -> Iterator[CaptionRecord]:
         """The committed captions of the slice in row order (for an export)."""
         captions = self.read(rows, index)
         for row in sorted(captions.records):
@@ -139,7 +139,7 @@ class OutputFormat(ABC):
         """Whether the slice wrote any caption (then an absent index was lost, not never written)."""
         return any(path.exists() and path.stat().st_size > 0 for path in self.append_only_files())
 
-    def damage_hints(self, index: SliceIndex) -> dict[Path, str]:
+    def damage_hints(self, index: SliceCheckpoint) -> dict[Path, str]:
         """A cheap check on resume: the caption files that look damaged, with why; a full `read` follows."""
         return {}
 

@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlm_hpc.run.checkpoint import SliceIndex
+from vlm_hpc.run.checkpoint import SliceCheckpoint
 from vlm_hpc.run.committed import parse_record
 from vlm_hpc.run.layout import OutputLayout, relpath_to_key
 from vlm_hpc.run.outputs.base import CaptionRecord, CommittedCaptions, Damage, OutputFormat, SliceKeys, StagedBatch
@@ -33,16 +33,16 @@ class JsonFiles(OutputFormat):
 
     name = "json"
 
-    def recover(self, index: SliceIndex) -> None:
+    def recover(self, index: SliceCheckpoint) -> None:
         pass  # files are whole or absent; the writer clears half-written temporaries
 
-    def stage(self, records: Sequence[CaptionRecord], index: SliceIndex) -> StagedBatch:
+    def stage(self, records: Sequence[CaptionRecord], index: SliceCheckpoint) -> StagedBatch:
         files = [(self.layout.caption_json(record.key),
                   json.dumps({"web_caption": record.web_caption, "vlm_caption": record.vlm_caption},
                              ensure_ascii=False).encode()) for record in records]
         return StagedBatch(files=files)
 
-    def read(self, rows: SliceKeys, index: SliceIndex | None) -> CommittedCaptions:
+    def read(self, rows: SliceKeys, index: SliceCheckpoint | None) -> CommittedCaptions:
         captions = CommittedCaptions(records={})
         for row in range(rows.start, rows.stop):
             if not rows.owns_key(row):  # such rows are failures; another row owns the key

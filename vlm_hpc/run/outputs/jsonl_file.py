@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlm_hpc.run.checkpoint import SliceIndex
+from vlm_hpc.run.checkpoint import SliceCheckpoint
 from vlm_hpc.run.committed import damage_hint, is_row, scan_append_only
 from vlm_hpc.run.durable import append_durable, truncate_to
 from vlm_hpc.run.outputs.base import (
@@ -42,10 +42,10 @@ class JsonlFile(OutputFormat):
     def path(self) -> Path:
         return self.layout.caption_jsonl(self.slice_id)
 
-    def recover(self, index: SliceIndex) -> None:
+    def recover(self, index: SliceCheckpoint) -> None:
         truncate_to(self.path, index.captions_offset)
 
-    def stage(self, records: Sequence[CaptionRecord], index: SliceIndex) -> StagedBatch:
+    def stage(self, records: Sequence[CaptionRecord], index: SliceCheckpoint) -> StagedBatch:
         if not records:
             return StagedBatch()
         lines = "".join(json.dumps({"key": r.key, "web_caption": r.web_caption, "vlm_caption": r.vlm_caption,
@@ -53,7 +53,7 @@ class JsonlFile(OutputFormat):
         return StagedBatch(index_state=self.appended_state(
             append_durable(self.path, lines.encode(), index.captions_offset)))
 
-    def read(self, rows: SliceKeys, index: SliceIndex | None) -> CommittedCaptions:
+    def read(self, rows: SliceKeys, index: SliceCheckpoint | None) -> CommittedCaptions:
         scan = scan_append_only(self.path, None if index is None else index.captions_offset, caption_line_problem)
         captions = CommittedCaptions(records={}, damage=[Damage(scan.path, item) for item in scan.damage],
                                      appended=scan)
@@ -72,7 +72,7 @@ class JsonlFile(OutputFormat):
     def append_only_files(self) -> list[Path]:
         return [self.path]
 
-    def damage_hints(self, index: SliceIndex) -> dict[Path, str]:
+    def damage_hints(self, index: SliceCheckpoint) -> dict[Path, str]:
         hint = damage_hint(self.path, index.captions_offset, index.captions)
         return {self.path: hint} if hint else {}
 
