@@ -107,7 +107,6 @@ def test_a_lease_taken_over_refuses_every_fenced_write_and_the_refresh_notices(t
             pytest.fail("a write ran under a lost lease")
     assert first.lost.is_set()
     second = SliceLease(path, environment(), stale_seconds=60)
-    second.generation = 0
     write_holder(path, token=second.token, pid=second.environment.pid)
     first.lost.clear()
     first.refresh()

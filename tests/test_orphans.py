@@ -54,11 +54,16 @@ def test_sigkill_of_the_main_process_alone_ends_its_loader_processes(golden_mode
         process.wait(timeout=30)
         wait_for(lambda: not any(alive(pid) for pid in loaders), 10, f"loader processes {sorted(loaders)} to end")
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=30)
+        kill_group(process)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """Whatever a test left of the process group, gone."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
 
 
 def test_the_parent_watch_ends_a_process_whose_parent_was_killed(tmp_path: Path) -> None:
@@ -85,8 +90,4 @@ def test_the_parent_watch_ends_a_process_whose_parent_was_killed(tmp_path: Path)
         process.wait(timeout=30)
         wait_for(lambda: not alive(child), 10, f"process {child} to end after its parent was killed")
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=30)
+        kill_group(process)

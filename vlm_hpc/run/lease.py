@@ -171,10 +171,7 @@ class SliceLease:
         if holder.get("job_id") and holder.get("job_id") == me.job_id and restarts < me.restart_count:
             return f"it is an earlier run (restart {restarts}) of this Slurm job {me.job_id}, now at restart " \
                    f"{me.restart_count}"
-        age = _heartbeat_age(holder)
-        if age > self.stale_seconds:
-            return f"its heartbeat is {age:.0f}s old (limit {self.stale_seconds:.0f}s)"
-        return None
+        return None  # another host: only a stale heartbeat, confirmed in `acquire`, lets it go
 
     def _write_mine(self, previous: dict | None) -> None:
         self.generation = int((previous or {}).get("generation") or 0) + 1
@@ -190,11 +187,11 @@ class SliceLease:
                 self._write_mine(holder)
                 return None if holder is None or holder.get("released") else "the lease file was unreadable"
             reason = self._holder_is_dead(holder)
-            if reason is None:
-                raise self._busy(holder)
-            if holder.get("host") == self.environment.host or "earlier run" in reason:
+            if reason is not None:
                 self._write_mine(holder)
                 return reason
+            if holder.get("host") == self.environment.host or _heartbeat_age(holder) <= self.stale_seconds:
+                raise self._busy(holder)
             needs_confirmation = holder
         # Another host, stale heartbeat: give a holder resumed from SIGSTOP two heartbeats to show it lives.
         time.sleep(2 * self.heartbeat_seconds)

@@ -214,11 +214,15 @@ class SliceRun:
                            heartbeat_seconds=config.worker.heartbeat_seconds,
                            failing_seconds=config.worker.heartbeat_failure_seconds, log=log.info)
         recovered = lease.acquire()
-        if recovered:
-            log.info(f"took over the slice lease: {recovered}")
-        lease.start_heartbeat()
-        stop = stop or StopRequest(layout.kill_file(slice_id), config.worker.grace_seconds)
-        return cls(config, slice_id, count, rows, layout, check, log, environment, lease, stop, engine_factory)
+        try:  # until `run` owns it, a failure here must not leave the lease held
+            if recovered:
+                log.info(f"took over the slice lease: {recovered}")
+            lease.start_heartbeat()
+            stop = stop or StopRequest(layout.kill_file(slice_id), config.worker.grace_seconds)
+            return cls(config, slice_id, count, rows, layout, check, log, environment, lease, stop, engine_factory)
+        except BaseException:
+            lease.release()
+            raise
 
     def run(self) -> SliceOutcome:
         """Resume, caption what is pending, record the outcome; the lease is released whatever happens, a
