@@ -50,7 +50,7 @@ class NullEngine(Engine):
 
 def null_prepare(row, max_num, skip_truncated, duplicate_of, is_sample):
     """Stands in for decode + tile: one empty 'tile', so the engine path is taken."""
-    return prefetch.PreparedRow(row.index, row.key, row.web_caption, tiles=torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
+    return prefetch.PreparedRow(row.row, row.key, row.web_caption, tiles=torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
 
 
 def make_dataset(folder: Path, rows: int) -> Path:
@@ -82,7 +82,7 @@ def resume_startup(work: Path, model: Path, data: Path, rows: int, batch_size: i
     ensure_manifest(layout, rows_source, config, 1, pins)  # made once by the first start; not part of a resume
     layout.state_dir.mkdir(parents=True, exist_ok=True)
     SliceCheckpoint(slice=0, num_slices=1, start=0, stop=rows, done=[[0, rows - batch_size]],
-               captions=rows - batch_size, status="stopped").save(layout.index_file(0))
+                    captions=rows - batch_size, status="stopped").save(layout.checkpoint_file(0))
     reached: list[float] = []
     watch = Stopwatch()
 

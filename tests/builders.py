@@ -60,9 +60,9 @@ def write_config(path: Path, model_path: Path, data_path: Path, output_dir: Path
     return path
 
 
-def start_worker(config: Path, index: int = 0, count: int = 1, *overrides: str) -> subprocess.Popen:
+def start_worker(config: Path, slice_id: int = 0, count: int = 1, *overrides: str) -> subprocess.Popen:
     # Its own process group, so that a test can signal the whole task (DataLoader workers too), as Slurm does.
-    return subprocess.Popen([sys.executable, "-m", "vlm_hpc.worker", "--config", str(config), "--slice", str(index),
+    return subprocess.Popen([sys.executable, "-m", "vlm_hpc.worker", "--config", str(config), "--slice", str(slice_id),
                              "--num-slices", str(count), *overrides],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -75,16 +75,16 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> No
         time.sleep(interval)
 
 
-def committed_rows(output: Path, index: int = 0) -> int:
+def committed_rows(output: Path, slice_id: int = 0) -> int:
     try:
-        state = json.loads((output / "state" / f"slice_{index:05d}.json").read_text())
+        state = json.loads((output / "state" / f"slice_{slice_id:05d}.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return 0
     return sum(b - a for a, b in state["done"])
 
 
-def slice_state(output: Path, index: int = 0) -> dict:
-    return json.loads((output / "state" / f"slice_{index:05d}.json").read_text())
+def slice_state(output: Path, slice_id: int = 0) -> dict:
+    return json.loads((output / "state" / f"slice_{slice_id:05d}.json").read_text())
 
 
 def stop(process: subprocess.Popen, number: int = signal.SIGKILL) -> None:

@@ -104,8 +104,8 @@ def test_intervals_merge_and_pending_rows() -> None:
     for start, stop in [(5, 6), (0, 2), (2, 4), (7, 9), (4, 5)]:
         intervals = add_interval(intervals, start, stop)
     assert intervals == [[0, 6], [7, 9]]
-    index = SliceCheckpoint(slice=0, num_slices=1, start=0, stop=10, done=intervals)
-    assert index.pending_rows() == [6, 9] and index.finished_rows == 8 and not index.complete
+    checkpoint = SliceCheckpoint(slice=0, num_slices=1, start=0, stop=10, done=intervals)
+    assert checkpoint.pending_rows() == [6, 9] and checkpoint.finished_rows == 8 and not checkpoint.complete
 
 
 @pytest.mark.parametrize(("spec", "indices", "throttle"), [

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.run.checkpoint import CorruptIndex, SliceCheckpoint, add_interval, intervals_of
+from vlm_hpc.run.checkpoint import CorruptCheckpoint, SliceCheckpoint, add_interval, intervals_of
 from vlm_hpc.run.durable import append_durable, remove_stale_temporaries, truncate_to, write_atomic, write_many_atomic
 
 
@@ -59,15 +59,16 @@ def test_intervals_merge_and_pending_rows_follow_them() -> None:
     assert add_interval([[0, 2], [5, 7]], 2, 5) == [[0, 7]]
     assert add_interval([[3, 4]], 0, 1) == [[0, 1], [3, 4]]
     assert intervals_of({4, 1, 2, 7}) == [[1, 3], [4, 5], [7, 8]]
-    index = SliceCheckpoint(slice=1, num_slices=2, start=10, stop=20, done=[[10, 12], [15, 16]])
-    assert index.pending_rows() == [12, 13, 14, 16, 17, 18, 19] and index.finished_rows == 3 and not index.complete
+    checkpoint = SliceCheckpoint(slice=1, num_slices=2, start=10, stop=20, done=[[10, 12], [15, 16]])
+    assert checkpoint.pending_rows() == [12, 13, 14, 16, 17, 18, 19]
+    assert checkpoint.finished_rows == 3 and not checkpoint.complete
 
 
 def test_commit_saves_atomically_and_load_reads_it_back(tmp_path: Path) -> None:
     path = tmp_path / "slice_00000.json"
-    index = SliceCheckpoint(slice=0, num_slices=1, start=0, stop=4)
-    index.commit(path, [0, 1, 3], captions=2, failures=1, output_state={"captions_offset": 40}, failures_offset=20,
-                 samples=1, seconds=0.5)
+    checkpoint = SliceCheckpoint(slice=0, num_slices=1, start=0, stop=4)
+    checkpoint.commit(path, [0, 1, 3], captions=2, failures=1, output_state={"captions_offset": 40},
+                      failures_offset=20, samples=1, seconds=0.5)
     loaded = SliceCheckpoint.load(path)
     assert loaded.done == [[0, 2], [3, 4]] and (loaded.captions, loaded.failures) == (2, 1)
     assert (loaded.captions_offset, loaded.failures_offset, loaded.sample_images) == (40, 20, 1)
@@ -80,6 +81,6 @@ def test_commit_saves_atomically_and_load_reads_it_back(tmp_path: Path) -> None:
 def test_a_damaged_index_is_a_corrupt_index_naming_the_file(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "slice_00000.json"
     path.write_bytes(content)
-    with pytest.raises(CorruptIndex) as raised:
+    with pytest.raises(CorruptCheckpoint) as raised:
         SliceCheckpoint.load(path)
     assert str(path) in str(raised.value) and "\n" not in str(raised.value)

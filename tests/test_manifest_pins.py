@@ -13,6 +13,7 @@ import pytest
 
 from builders import make_dataset, png, slow_dataset, start_worker, stop, wait_for, write_config
 from vlm_hpc.config import DataSection, load_config
+from vlm_hpc.engines import ENGINES, register_engine
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.manifest import ensure_manifest, scan_dataset
@@ -22,6 +23,9 @@ from vlm_hpc.run.slice_run import run_slice
 from vlm_hpc.tiny_model import write_tiny_model
 
 ROWS = 20  # two slices of 10; rows 8..11 are neither among the first nor the last 8 keys
+
+# Another engine name for the same implementation: a different engine is a different caption, whatever it runs.
+register_engine("transformers_again", ENGINES["transformers"])
 
 
 def dataset_rows(changed_row: int | None = None, changed: str = "") -> list[tuple[str, bytes, str]]:
@@ -80,13 +84,14 @@ def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("model.dtype=bfloat16", "model.dtype: 'float32' then, 'bfloat16' now"),
     ("prompt.system_message=Be brief.", "prompt.system_message: changed ("),
     ("model.path=OTHER", "model: "),
+    ("model.engine=transformers_again", "model.engine: 'transformers' then, 'transformers_again' now"),
 ])
 def test_a_resume_with_a_changed_setting_is_refused_naming_it(override: str, difference: str, resumed: dict,
                                                               other_model: Path, shared_engine) -> None:
     config = load_config(resumed["config"], [override.replace("OTHER", str(other_model))])
-    for index in (0, 1):  # the finished slice and the one not started yet
+    for slice_id in (0, 1):  # the finished slice and the one not started yet
         with pytest.raises(VlmHpcError) as refusal:
-            run_slice(config, index, 2, engine_factory=shared_engine)
+            run_slice(config, slice_id, 2, engine_factory=shared_engine)
         message = str(refusal.value)
         assert "\n" not in message and difference in message, message
         assert "new output.dir" in message and "--accept-changes" in message, message
@@ -188,8 +193,8 @@ def test_slices_updating_the_manifest_at_once_keep_each_others_records(resumed: 
     old["slice_fingerprints"] = {}  # as an older manifest: every slice records its own at its start
     (output / "manifest.json").write_text(json.dumps(old))
     changed = json.dumps({**pins.to_dict(), "max_num": 5})
-    starts = [subprocess.Popen([sys.executable, "-c", SLICE_START, str(tmp_path / "eight.yaml"), changed, str(index)],
-                               stderr=subprocess.PIPE, text=True) for index in range(8)]
+    starts = [subprocess.Popen([sys.executable, "-c", SLICE_START, str(tmp_path / "eight.yaml"), changed,
+                                str(slice_id)], stderr=subprocess.PIPE, text=True) for slice_id in range(8)]
     for process in starts:
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr

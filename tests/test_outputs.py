@@ -40,7 +40,7 @@ ROWS = SliceKeys(0, KEYS, {})
 
 
 def outcome(row: int) -> RowOutcome:
-    return RowOutcome(row, KEYS[row], f"web {row}", caption=f"vlm {row} \u00e9\n\"quoted\"")
+    return RowOutcome(row, KEYS[row], f"web {row}", vlm_caption=f"vlm {row} \u00e9\n\"quoted\"")
 
 
 def record(row: int) -> CaptionRecord:
@@ -63,11 +63,11 @@ def slice_writer(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Sli
 @pytest.mark.parametrize("slice_writer", ["json", "jsonl"], indirect=True)
 def test_a_committed_batch_reads_back_and_an_uncommitted_one_is_cut_on_recovery(slice_writer: SliceWriter) -> None:
     layout, output = slice_writer.layout, slice_writer.output
-    index = SliceCheckpoint(slice=0, num_slices=1, start=0, stop=len(KEYS))
-    slice_writer.recover(index)
+    checkpoint = SliceCheckpoint(slice=0, num_slices=1, start=0, stop=len(KEYS))
+    slice_writer.recover(checkpoint)
     failed = RowOutcome(2, "c", "web 2", failure="undecodable", detail="not an image")
-    slice_writer.commit_batch([outcome(0), outcome(1), failed], index, seconds=1.0)
-    committed = SliceCheckpoint.load(layout.index_file(0))
+    slice_writer.commit_batch([outcome(0), outcome(1), failed], checkpoint, seconds=1.0)
+    committed = SliceCheckpoint.load(layout.checkpoint_file(0))
     assert committed.done == [[0, 3]] and committed.captions == 2 and committed.failures == 1
     assert list(output.committed_captions(ROWS, committed)) == [record(0), record(1)]
 
@@ -75,7 +75,7 @@ def test_a_committed_batch_reads_back_and_an_uncommitted_one_is_cut_on_recovery(
     staged = output.stage([record(3), record(4)], committed)
     if staged.files:
         write_many_atomic(staged.files, slice_writer.temp_dir)
-    resumed = SliceCheckpoint.load(layout.index_file(0))
+    resumed = SliceCheckpoint.load(layout.checkpoint_file(0))
     slice_writer.recover(resumed)
     assert list(output.committed_captions(ROWS, resumed)) == [record(0), record(1)]
     assert output.read(ROWS, resumed).damage == []
@@ -83,7 +83,7 @@ def test_a_committed_batch_reads_back_and_an_uncommitted_one_is_cut_on_recovery(
         assert [path.stat().st_size for path in output.append_only_files()] == [resumed.captions_offset]
 
     slice_writer.commit_batch([outcome(3), outcome(4), outcome(5)], resumed, seconds=1.0)
-    final = SliceCheckpoint.load(layout.index_file(0))
+    final = SliceCheckpoint.load(layout.checkpoint_file(0))
     assert final.complete and final.captions == 5
     assert list(output.committed_captions(ROWS, final)) == [record(row) for row in (0, 1, 3, 4, 5)]
     assert output.has_outputs(ROWS)
@@ -91,10 +91,10 @@ def test_a_committed_batch_reads_back_and_an_uncommitted_one_is_cut_on_recovery(
 
 def test_only_jsonl_records_captions_offset(tmp_path: Path) -> None:
     layout = OutputLayout(tmp_path)
-    index = SliceCheckpoint(slice=0, num_slices=1, start=0, stop=len(KEYS))
-    assert output_format("json", layout, 0).stage([record(0)], index).index_state == {}
-    staged = output_format("jsonl", layout, 0).stage([record(0)], index)
-    assert staged.files == [] and staged.index_state == {"captions_offset": layout.caption_jsonl(0).stat().st_size}
+    checkpoint = SliceCheckpoint(slice=0, num_slices=1, start=0, stop=len(KEYS))
+    assert output_format("json", layout, 0).stage([record(0)], checkpoint).checkpoint_state == {}
+    staged = output_format("jsonl", layout, 0).stage([record(0)], checkpoint)
+    assert staged.files == [] and staged.checkpoint_state == {"captions_offset": layout.caption_jsonl(0).stat().st_size}
 
 
 def test_an_unknown_format_is_refused_in_one_line_naming_the_registered_ones(tmp_path: Path) -> None:
@@ -121,11 +121,11 @@ class CsvFile(OutputFormat):
         return [CaptionRecord(int(line["row"]), line["key"], line["web_caption"], line["vlm_caption"])
                 for line in csv.DictReader(io.StringIO(text, newline=""))]
 
-    def recover(self, index: SliceCheckpoint) -> None:
+    def recover(self, checkpoint: SliceCheckpoint) -> None:
         pass  # the file is whole; rows of an uncommitted rewrite are dropped at the next one
 
-    def stage(self, records: Sequence[CaptionRecord], index: SliceCheckpoint) -> StagedBatch:
-        kept = [r for r in self._records() if index.is_done(r.row)] + list(records)
+    def stage(self, records: Sequence[CaptionRecord], checkpoint: SliceCheckpoint) -> StagedBatch:
+        kept = [r for r in self._records() if checkpoint.is_done(r.row)] + list(records)
         buffer = io.StringIO(newline="")
         writer = csv.DictWriter(buffer, self.COLUMNS)
         writer.writeheader()
@@ -133,7 +133,7 @@ class CsvFile(OutputFormat):
                          for r in kept)
         return StagedBatch(files=[(self.path, buffer.getvalue().encode())])
 
-    def read(self, rows: SliceKeys, index: SliceCheckpoint | None) -> CommittedCaptions:
+    def read(self, rows: SliceKeys, checkpoint: SliceCheckpoint | None) -> CommittedCaptions:
         captions = CommittedCaptions(records={})
         try:
             records = self._records()
@@ -172,7 +172,7 @@ def test_a_format_registered_through_the_registry_carries_a_run(csv_format: type
     assert report.ok and report.captioned == 15, report
     index = json.loads((GOLDEN / "images" / "index.json").read_text())["images"]
     layout = OutputLayout(output)
-    state = SliceCheckpoint.load(layout.index_file(0))
+    state = SliceCheckpoint.load(layout.checkpoint_file(0))
     rows = open_reader(config.data)
     captions = {r.key: r for r in csv_format(layout, 0).committed_captions(
         SliceKeys(0, rows.keys(0, rows.num_rows), {}), state)}

@@ -164,8 +164,8 @@ def test_a_reader_registered_through_the_seam_captions_end_to_end(tmp_path: Path
         output = tmp_path / f"out_{name}"
         config = load_config(write_config(tmp_path / f"{name}.yaml", golden_model_dir, Path(data["path"]), output,
                                           data=data))
-        for index in range(2):
-            assert run_slice(config, index, 2, engine_factory=shared_engine).status == "done"
+        for slice_id in range(2):
+            assert run_slice(config, slice_id, 2, engine_factory=shared_engine).status == "done"
         report = verify(output)  # verify opens the input again, through the registry
         assert report.ok and report.captioned == 5, report
         captions[name] = read_captions(output)

@@ -44,13 +44,13 @@ def test_golden_dataset_gives_the_golden_captions_for_any_slicing(
     config_path = write_config(tmp_path / "c.yaml", golden_model_dir, GOLDEN / "dataset", output,
                                output={"format": output_format}, worker={"loader_workers": 0 if num_slices > 2 else 1})
     config = load_config(config_path)
-    for index in range(num_slices):
-        assert run_slice(config, index, num_slices, engine_factory=shared_engine).status == "done"
+    for slice_id in range(num_slices):
+        assert run_slice(config, slice_id, num_slices, engine_factory=shared_engine).status == "done"
     captions = read_captions(output)
-    index = json.loads((GOLDEN / "images" / "index.json").read_text())["images"]
-    assert set(captions) == {item["key"] for item in index}
+    slice_id = json.loads((GOLDEN / "images" / "index.json").read_text())["images"]
+    assert set(captions) == {item["key"] for item in slice_id}
     assert {key: captions[key]["vlm_caption"] for key in GOLDEN_CAPTIONS} == GOLDEN_CAPTIONS
-    assert all(captions[item["key"]]["web_caption"] == item["caption"] for item in index)
+    assert all(captions[item["key"]]["web_caption"] == item["caption"] for item in slice_id)
     report = verify(output)
     assert report.ok and report.captioned == 15, report
     assert all((output / f"end{i}.txt").exists() for i in range(num_slices))
@@ -78,8 +78,8 @@ def test_tile_budget_batches_sort_by_tiles_and_give_the_golden_captions(
     output = tmp_path / "out"
     config = load_config(write_config(tmp_path / "c.yaml", golden_model_dir, GOLDEN / "dataset", output,
                                       generation=generation, worker={"loader_workers": 1}))
-    for index in range(num_slices):
-        assert run_slice(config, index, num_slices, engine_factory=shared_engine).status == "done"
+    for slice_id in range(num_slices):
+        assert run_slice(config, slice_id, num_slices, engine_factory=shared_engine).status == "done"
     captions = read_captions(output)
     assert {key: captions[key]["vlm_caption"] for key in GOLDEN_CAPTIONS} == GOLDEN_CAPTIONS
     assert verify(output).ok and verify(output).captioned == 15
@@ -90,7 +90,7 @@ def test_tile_budget_batches_sort_by_tiles_and_give_the_golden_captions(
     for row in open_reader(config.data).read(0, 15):
         try:
             image = decode_image(row.image).image
-            tiles[row.index] = tile_count(image.width, image.height, config.tiling.max_num)
+            tiles[row.row] = tile_count(image.width, image.height, config.tiling.max_num)
         except Exception:
             pass
     budget = generation["tile_budget"] if generation["tile_budget"] != "auto" else 3 * (config.tiling.max_num + 1)
@@ -318,8 +318,8 @@ def test_parquet_and_image_feature_inputs_give_the_same_captions(golden_model_di
         output = tmp_path / name
         config = load_config(write_config(tmp_path / f"{name}.yaml", golden_model_dir, data, output,
                                           worker={"loader_workers": 0}, **overrides))
-        for index in range(3):
-            assert run_slice(config, index, 3, engine_factory=shared_engine).status == "done"
+        for slice_id in range(3):
+            assert run_slice(config, slice_id, 3, engine_factory=shared_engine).status == "done"
         assert verify(output).ok
         results.append(read_captions(output))
     assert results[0] == results[1]

@@ -91,8 +91,8 @@ def test_demo_array_runs_each_task_on_its_own_gpu_and_matches_a_local_run(slurm:
     assert verify(output).ok
     local = tmp_path / "local"
     local_config = load_config(config, [f"output.dir={local}"])
-    for index in range(4):
-        run_slice(local_config, index, 4)
+    for slice_id in range(4):
+        run_slice(local_config, slice_id, 4)
     read = lambda folder: {p.name: p.read_text() for p in (folder / "captions").glob("*.json")}  # noqa: E731
     assert read(output) == read(local) and len(read(output)) == 15
     again = submit(config, "0-3")
@@ -110,20 +110,20 @@ def test_scancel_stops_one_slice_gracefully_and_resubmitting_finishes_only_it(sl
     result = submit(config, "0-3")
     assert result.returncode == 0, result.stderr
     job = re.search(r"job (\d+)", result.stdout).group(1)
-    index_file = output / "state" / "slice_00002.json"
-    wait_for(lambda: index_file.exists() and json.loads(index_file.read_text())["done"], 300, "slice 2 to commit")
+    checkpoint = output / "state" / "slice_00002.json"
+    wait_for(lambda: checkpoint.exists() and json.loads(checkpoint.read_text())["done"], 300, "slice 2 to commit")
     assert states(output)[2] == "running"
     cancelled = time.monotonic()
     subprocess.run(["scancel", f"{job}_2"], check=True)
-    wait_for(lambda: json.loads(index_file.read_text())["status"] != "running", 30, "slice 2 to stop")
+    wait_for(lambda: json.loads(checkpoint.read_text())["status"] != "running", 30, "slice 2 to stop")
     assert time.monotonic() - cancelled < 5  # before KillWait (5 s on the test cluster)
-    state = json.loads(index_file.read_text())
+    state = json.loads(checkpoint.read_text())
     assert state["status"] == "stopped" and state["stop_reason"] == "sigterm"
     assert 0 < sum(b - a for a, b in state["done"]) < 12
     wait_until_done(output, [0, 1, 3], 600)
     time.sleep(8)  # past the scheduler's requeue latency: a requeued task would be back by now
     assert "CANCELLED" in squeue_all(f"{job}_2") and state["attempts"] == 1
-    assert json.loads(index_file.read_text())["status"] == "stopped"
+    assert json.loads(checkpoint.read_text())["status"] == "stopped"
     assert states(output)[2] == "stopped"
     again = submit(config, "0-3")
     assert again.returncode == 0, again.stderr

@@ -17,9 +17,9 @@ from pathlib import Path
 from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.array_spec import format_indices
 from vlm_hpc.errors import VlmHpcError, print_error
-from vlm_hpc.run.checkpoint import CorruptIndex, SliceCheckpoint
+from vlm_hpc.run.checkpoint import CorruptCheckpoint, SliceCheckpoint
 from vlm_hpc.run.layout import OutputLayout
-from vlm_hpc.run.lease import read_lease
+from vlm_hpc.run.lease import heartbeat_age, read_lease
 from vlm_hpc.run.manifest import load_manifest
 from vlm_hpc.run.repair import repair_command
 from vlm_hpc.run.slicing import slice_bounds
@@ -79,30 +79,26 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
     slurm_states = slurm.task_states(set(jobs.values()))
     now = time.time()
     statuses = []
-    for index in range(count):
-        start, stop = slice_bounds(num_rows, index, count)
+    for slice_id in range(count):
+        start, stop = slice_bounds(num_rows, slice_id, count)
         total = stop - start
-        slurm_state = slurm_states.get(jobs.get(index, ""))
+        slurm_state = slurm_states.get(jobs.get(slice_id, ""))
         try:
-            state = SliceCheckpoint.load(layout.index_file(index))
-        except CorruptIndex as exc:
-            statuses.append(SliceStatus(index, "corrupt", 0, total, 0, None, None, None, slurm_state,
+            state = SliceCheckpoint.load(layout.checkpoint_file(slice_id))
+        except CorruptCheckpoint as exc:
+            statuses.append(SliceStatus(slice_id, "corrupt", 0, total, 0, None, None, None, slurm_state,
                                         f"{exc.problem}; run: {repair_command(layout)}"))
             continue
-        heartbeat = None
-        lease = read_lease(layout.lease_file(index))
-        try:
-            heartbeat = now - float(lease["heartbeat"])  # type: ignore[index]
-        except (TypeError, ValueError, KeyError):
-            pass
+        lease = read_lease(layout.lease_file(slice_id))
+        heartbeat = heartbeat_age(lease)
         if state is None:
-            statuses.append(SliceStatus(index, "running" if slurm_state == "RUNNING" else "pending", 0, total, 0,
+            statuses.append(SliceStatus(slice_id, "running" if slurm_state == "RUNNING" else "pending", 0, total, 0,
                                         None, None, heartbeat, slurm_state, None))
             continue
         name, reason = state.status, state.stop_reason
         if name == "running" and (lease is None or lease.get("released")):
             # The worker ended without recording why (its index could not be written): its log may say.
-            name, reason = "crashed", _crash_in_log(layout.log_file(index)) or "ended without recording why"
+            name, reason = "crashed", _crash_in_log(layout.log_file(slice_id)) or "ended without recording why"
         elif name == "running" and (heartbeat is None or heartbeat > STALLED_AFTER_S):
             name = "stalled" if slurm_state in (None, "RUNNING") else "crashed"
         if slurm_state == "PENDING" and name != "done":
@@ -111,7 +107,7 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
         done_this_attempt = state.finished_rows - state.rows_at_start
         rate = done_this_attempt / elapsed if elapsed > 0 and done_this_attempt > 0 else None
         eta = (state.total - state.finished_rows) / rate if rate and name not in ("done",) else None
-        statuses.append(SliceStatus(index, name, state.finished_rows, state.total, state.failures, rate, eta,
+        statuses.append(SliceStatus(slice_id, name, state.finished_rows, state.total, state.failures, rate, eta,
                                     heartbeat, slurm_state, reason))
     return statuses, num_rows
 

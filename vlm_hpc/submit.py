@@ -24,7 +24,7 @@ from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.array_spec import ArraySpec, format_indices, parse_array, split_for_max_array_size
 from vlm_hpc.config import RunConfig, load_config
 from vlm_hpc.errors import VlmHpcError, print_error
-from vlm_hpc.run.checkpoint import CorruptIndex, SliceCheckpoint
+from vlm_hpc.run.checkpoint import CorruptCheckpoint, SliceCheckpoint
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import live_holder
 from vlm_hpc.run.manifest import ensure_manifest, load_manifest
@@ -45,18 +45,18 @@ class SliceJob(submitit.helpers.Checkpointable):
         self.num_slices = num_slices
         self.accept_changes = accept_changes
 
-    def __call__(self, slice_index: int) -> dict:
+    def __call__(self, slice_id: int) -> dict:
         layout = OutputLayout(Path(self.config.output.dir))
-        stop = StopRequest(layout.kill_file(slice_index), self.config.worker.grace_seconds)
+        stop_request = StopRequest(layout.kill_file(slice_id), self.config.worker.grace_seconds)
         # Ours from here, not after run_slice's lease and checks (submitit's SIGTERM handler ignores the signal);
         # run_slice restores submitit's handlers when it returns, so its USR2 requeue below still works.
-        stop.install()
+        stop_request.install()
         try:
-            outcome = run_slice(self.config, slice_index, self.num_slices, stop=stop,
+            outcome = run_slice(self.config, slice_id, self.num_slices, stop_request=stop_request,
                                 accept_changes=self.accept_changes)
         finally:
-            stop.uninstall()
-        summary = {"slice": slice_index, "status": outcome.status, "reason": outcome.reason,
+            stop_request.uninstall()
+        summary = {"slice": slice_id, "status": outcome.status, "reason": outcome.reason,
                    "captions": outcome.checkpoint.captions, "failures": outcome.checkpoint.failures}
         under_slurm = submitit.JobEnvironment().cluster == "slurm"
         if outcome.status == "requeued" and under_slurm:
@@ -116,19 +116,19 @@ def _slurm_executor(config: RunConfig, folder: Path) -> SliceArrayExecutor:
 def _pending_slices(layout: OutputLayout, spec: ArraySpec, stale_seconds: float) -> tuple[list[int], list[str]]:
     """Slices to submit, and lines about the ones skipped (complete, or running right now)."""
     todo, skipped = [], []
-    for index in spec.indices:
+    for slice_id in spec.indices:
         try:
-            state = SliceCheckpoint.load(layout.index_file(index))
-        except CorruptIndex as exc:
+            state = SliceCheckpoint.load(layout.checkpoint_file(slice_id))
+        except CorruptCheckpoint as exc:
             raise VlmHpcError(f"{exc}; rebuild it first: {repair_command(layout)}") from None
         if state is not None and state.complete:
-            skipped.append(f"slice {index}: complete")
+            skipped.append(f"slice {slice_id}: complete")
             continue
-        holder = live_holder(layout.lease_file(index), stale_seconds)
+        holder = live_holder(layout.lease_file(slice_id), stale_seconds)
         if holder:
-            skipped.append(f"slice {index}: running ({holder})")
+            skipped.append(f"slice {slice_id}: running ({holder})")
             continue
-        todo.append(index)
+        todo.append(slice_id)
     return todo, skipped
 
 
@@ -147,8 +147,8 @@ def _refuse_changes_while_running(layout: OutputLayout, rows, config: RunConfig,
         return  # nothing to accept
     except VlmHpcError:
         pass
-    running = [index for index in range(count)
-               if live_holder(layout.lease_file(index), config.worker.stale_lease_seconds)]
+    running = [slice_id for slice_id in range(count)
+               if live_holder(layout.lease_file(slice_id), config.worker.stale_lease_seconds)]
     if running:
         raise VlmHpcError(f"--accept-changes: slices {format_indices(running)} of {layout.root} are running with the "
                           f"settings pinned now and would mix them past the boundary; stop them first (scancel, or "
@@ -196,7 +196,7 @@ def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: 
             executor.update_parameters(timeout_min=config.slurm.time_min)
         jobs = executor.map_array(job, todo)
     record = {"time": time.time(), "cluster": cluster, "array": str(spec), "num_slices": count,
-              "jobs": {str(index): str(j.job_id) for index, j in zip(todo, jobs)}}
+              "jobs": {str(slice_id): str(j.job_id) for slice_id, j in zip(todo, jobs)}}
     with open(layout.submissions_file, "a") as handle:
         handle.write(json.dumps(record) + "\n")
     array_ids = sorted({slurm.array_job_of(str(j.job_id)) for j in jobs})

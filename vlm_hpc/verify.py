@@ -16,15 +16,15 @@ from pathlib import Path
 from vlm_hpc.cluster.environment import JobEnvironment
 from vlm_hpc.config import DataSection, WorkerSection
 from vlm_hpc.errors import VlmHpcError, print_error
-from vlm_hpc.run.checkpoint import CorruptIndex
-from vlm_hpc.run.committed import parse_record, read_slice_outputs
+from vlm_hpc.run.checkpoint import CorruptCheckpoint
+from vlm_hpc.run.committed import read_slice_outputs
 from vlm_hpc.run.layout import OutputLayout
-from vlm_hpc.run.lease import SliceBusy, SliceLease
+from vlm_hpc.run.lease import SliceBusy, SliceLease, lease_file_problem
 from vlm_hpc.run.manifest import RunManifest, load_manifest
 from vlm_hpc.run.outputs import OUTPUT_FORMATS, output_format
 from vlm_hpc.run.outputs.base import OutputFormat, SliceKeys
 from vlm_hpc.run.readers import RowReader, open_reader
-from vlm_hpc.run.repair import load_index, rebuild_index, repair_command
+from vlm_hpc.run.repair import load_checkpoint, rebuild_checkpoint, repair_command
 from vlm_hpc.run.slicing import slice_bounds
 
 PROBLEMS = ("lost", "duplicate", "orphan", "corrupt")
@@ -45,30 +45,6 @@ class Report:
     @property
     def ok(self) -> bool:
         return self.pending == 0 and not any(getattr(self, name) for name in PROBLEMS)
-
-
-def _lease_record_problem(record: object) -> str | None:
-    if not isinstance(record, dict):
-        return f"a JSON {type(record).__name__}, not an object"
-    if record.get("released") is True:  # a released lease keeps its generation
-        expected = {"generation": (int,)}
-    else:
-        # Held leases written before generations existed have none: not corrupt.
-        expected = {"host": (str,), "pid": (int,), "heartbeat": (int, float), "token": (str,)}
-    wrong = [name for name, types in expected.items()
-             if not isinstance(record.get(name), types) or isinstance(record.get(name), bool)]
-    return f"fields {wrong} are missing or of the wrong type" if wrong else None
-
-
-def _lease_problem(path: Path) -> str | None:
-    """What is wrong with a slice's lease file, None when it is absent or sound."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        return f"unreadable ({exc.strerror})"
-    return parse_record(data, _lease_record_problem)[1]
 
 
 def _open_run(output: str | Path) -> tuple[OutputLayout, RunManifest, RowReader]:
@@ -94,28 +70,28 @@ def verify(output: str | Path) -> Report:
     report = Report(rows=manifest.num_rows)
     all_keys = set(rows.keys(0, rows.num_rows))
     captioned_keys: Counter[str] = Counter()
-    for number in range(manifest.num_slices):
-        start, stop = slice_bounds(manifest.num_rows, number, manifest.num_slices)
+    for slice_id in range(manifest.num_slices):
+        start, stop = slice_bounds(manifest.num_rows, slice_id, manifest.num_slices)
         keys = SliceKeys(start, rows.keys(start, stop), manifest.duplicate_rows)
-        output = output_format(manifest.output_format, layout, number)
-        lease_problem = _lease_problem(layout.lease_file(number))
+        output = output_format(manifest.output_format, layout, slice_id)
+        lease_problem = lease_file_problem(layout.lease_file(slice_id))
         if lease_problem:
-            report.corrupt.append(f"{named(layout.lease_file(number))}: {lease_problem}")
+            report.corrupt.append(f"{named(layout.lease_file(slice_id))}: {lease_problem}")
         try:
-            index = load_index(layout, number, manifest.num_slices, start, stop)
-        except CorruptIndex as exc:
+            checkpoint = load_checkpoint(layout, slice_id, manifest.num_slices, start, stop)
+        except CorruptCheckpoint as exc:
             report.corrupt.append(f"{named(exc.path)}: {exc.problem}")
             report.pending += stop - start
-            report.slices[number] = "corrupt index"
+            report.slices[slice_id] = "corrupt index"
             continue
-        if index is None:
+        if checkpoint is None:
             report.pending += stop - start
-            report.slices[number] = "not started"
+            report.slices[slice_id] = "not started"
             if _has_outputs(output, keys):
-                report.corrupt.append(f"{named(layout.index_file(number))}: missing while the slice has outputs")
+                report.corrupt.append(f"{named(layout.checkpoint_file(slice_id))}: missing while the slice has outputs")
             continue
-        report.slices[number] = index.status
-        outputs = read_slice_outputs(output, keys, index)
+        report.slices[slice_id] = checkpoint.status
+        outputs = read_slice_outputs(output, keys, checkpoint)
         line_damage = [d for d in outputs.captions.damage if not d.whole_file]
         report.corrupt += [d.describe(named(d.path)) for d in line_damage]
         report.corrupt += [f"{named(outputs.ledger.path)} {item}" for item in outputs.ledger.damage]
@@ -124,7 +100,7 @@ def verify(output: str | Path) -> Report:
         report.duplicate += outputs.repeated_lines
         for offset, key in enumerate(keys.keys):
             row = start + offset
-            if not index.is_done(row):
+            if not checkpoint.is_done(row):
                 report.pending += 1
             elif row in outputs.failed:
                 report.failed += 1
@@ -143,21 +119,21 @@ def repair(output: str | Path, stale_seconds: float) -> tuple[list[str], bool]:
     live worker holds; what was done, one line each, and whether every such index was rebuilt."""
     layout, manifest, rows = _open_run(output)
     lines, complete = [], True
-    for number in range(manifest.num_slices):
-        start, stop = slice_bounds(manifest.num_rows, number, manifest.num_slices)
-        path = layout.index_file(number)
+    for slice_id in range(manifest.num_slices):
+        start, stop = slice_bounds(manifest.num_rows, slice_id, manifest.num_slices)
+        path = layout.checkpoint_file(slice_id)
         try:
-            if load_index(layout, number, manifest.num_slices, start, stop) is not None:
+            if load_checkpoint(layout, slice_id, manifest.num_slices, start, stop) is not None:
                 continue
             why = "missing"
-        except CorruptIndex as exc:
+        except CorruptCheckpoint as exc:
             why = exc.problem
         keys = rows.keys(start, stop)
-        output = output_format(manifest.output_format, layout, number)
+        output = output_format(manifest.output_format, layout, slice_id)
         if why == "missing" and not _has_outputs(output, SliceKeys(start, keys, manifest.duplicate_rows)):
             continue
         # Take the slice's lease for the rebuild, so that no worker starts on the slice while it runs.
-        lease = SliceLease(layout.lease_file(number), JobEnvironment.current(), stale_seconds)
+        lease = SliceLease(layout.lease_file(slice_id), JobEnvironment.current(), stale_seconds)
         try:
             lease.acquire()
         except SliceBusy as exc:
@@ -166,11 +142,12 @@ def repair(output: str | Path, stale_seconds: float) -> tuple[list[str], bool]:
             continue
         try:
             with lease.fenced():
-                index = rebuild_index(output, manifest.num_slices, start, keys, manifest.duplicate_rows, why)
+                checkpoint = rebuild_checkpoint(output, manifest.num_slices, start, keys, manifest.duplicate_rows, why)
         finally:
             lease.release()
-        lines.append(f"rebuilt {path} ({why}) from its outputs: {index.finished_rows}/{index.total} rows done, "
-                     f"{index.captions} captions, {index.failures} failures")
+        done = f"{checkpoint.finished_rows}/{checkpoint.total} rows done"
+        lines.append(f"rebuilt {path} ({why}) from its outputs: {done}, {checkpoint.captions} captions, "
+                     f"{checkpoint.failures} failures")
     return lines, complete
 
 

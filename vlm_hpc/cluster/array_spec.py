@@ -47,20 +47,20 @@ def format_indices(indices) -> str:
     ordered = sorted(set(indices))
     parts: list[str] = []
     start = previous = None
-    for index in ordered + [None]:
-        if start is not None and (index is None or index != previous + 1):
+    for task in ordered + [None]:
+        if start is not None and (task is None or task != previous + 1):
             parts.append(str(start) if start == previous else f"{start}-{previous}")
             start = None
-        if index is not None and start is None:
-            start = index
-        previous = index
+        if task is not None and start is None:
+            start = task
+        previous = task
     return ",".join(parts)
 
 
 def split_for_max_array_size(indices: tuple[int, ...], max_array_size: int) -> list[tuple[int, tuple[int, ...]]]:
     """Groups of (offset, task ids) with every task id < max_array_size; slice = offset + task id."""
     groups: dict[int, list[int]] = {}
-    for index in indices:
-        offset = (index // max_array_size) * max_array_size
-        groups.setdefault(offset, []).append(index - offset)
+    for task in indices:
+        offset = (task // max_array_size) * max_array_size
+        groups.setdefault(offset, []).append(task - offset)
     return [(offset, tuple(tasks)) for offset, tasks in sorted(groups.items())]

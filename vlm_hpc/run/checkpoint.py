@@ -1,4 +1,5 @@
-"""The checkpoint index of one slice: which rows are finished, where the append-only files end, why it stopped.
+"""The checkpoint of one slice (`state/slice_N.json`, "the index" in messages): which rows are finished, where
+the append-only files end, why it stopped.
 
 Commit protocol (see `writer`): a batch's outputs are made durable first, then `SliceCheckpoint.commit` rewrites
 the index atomically. A crash before the index write leaves the batch uncommitted: its files are
@@ -21,7 +22,7 @@ from vlm_hpc.run.durable import write_json_atomic
 CheckpointStatus = Literal["pending", "running", "stopped", "requeued", "done", "crashed"]
 
 
-class CorruptIndex(VlmHpcError):
+class CorruptCheckpoint(VlmHpcError):
     """An index file that exists but cannot be what `SliceCheckpoint.save` wrote; `problem` says what is wrong."""
 
     def __init__(self, path: Path, problem: str) -> None:
@@ -110,13 +111,13 @@ class SliceCheckpoint:
 
     @classmethod
     def load(cls, path: Path) -> SliceCheckpoint | None:
-        """The index at `path`, None if there is none; CorruptIndex if its content is anything else."""
+        """The index at `path`, None if there is none; CorruptCheckpoint if its content is anything else."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise CorruptIndex(path, f"unreadable ({exc.strerror})") from None
+            raise CorruptCheckpoint(path, f"unreadable ({exc.strerror})") from None
         return cls.parse(data, path)
 
     @classmethod
@@ -125,33 +126,33 @@ class SliceCheckpoint:
         try:
             raw = json.loads(data.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise CorruptIndex(path, f"invalid UTF-8 at byte {exc.start}") from None
+            raise CorruptCheckpoint(path, f"invalid UTF-8 at byte {exc.start}") from None
         except json.JSONDecodeError as exc:
-            raise CorruptIndex(path, f"not JSON ({exc.msg} at byte {exc.pos} of {len(data)})") from None
+            raise CorruptCheckpoint(path, f"not JSON ({exc.msg} at byte {exc.pos} of {len(data)})") from None
         if not isinstance(raw, dict):
-            raise CorruptIndex(path, f"a JSON {type(raw).__name__}, not an object")
+            raise CorruptCheckpoint(path, f"a JSON {type(raw).__name__}, not an object")
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(raw) - set(known))
         if unknown:
-            raise CorruptIndex(path, f"unknown fields {unknown}; was it written by another tool?")
+            raise CorruptCheckpoint(path, f"unknown fields {unknown}; was it written by another tool?")
         missing = [name for name in ("slice", "num_slices", "start", "stop") if name not in raw]
         if missing:
-            raise CorruptIndex(path, f"missing fields {missing}")
+            raise CorruptCheckpoint(path, f"missing fields {missing}")
         for name, value in raw.items():
             if name in _FIELD_TYPES and not _has_type(value, _FIELD_TYPES[name]):
-                raise CorruptIndex(path, f"field {name!r} is {value!r:.60}, not {_FIELD_TYPES[name][0]}")
-        index = cls(**raw)
-        previous = index.start
-        for interval in index.done:
-            if len(interval) != 2 or not previous <= interval[0] < interval[1] <= index.stop:
-                raise CorruptIndex(path, f"'done' interval {interval} is out of order or outside "
-                                         f"[{index.start}, {index.stop})")
+                raise CorruptCheckpoint(path, f"field {name!r} is {value!r:.60}, not {_FIELD_TYPES[name][0]}")
+        checkpoint = cls(**raw)
+        previous = checkpoint.start
+        for interval in checkpoint.done:
+            if len(interval) != 2 or not previous <= interval[0] < interval[1] <= checkpoint.stop:
+                raise CorruptCheckpoint(path, f"'done' interval {interval} is out of order or outside "
+                                         f"[{checkpoint.start}, {checkpoint.stop})")
             previous = interval[1]
         negative = [name for name in ("captions", "failures", "captions_offset", "failures_offset")
-                    if getattr(index, name) < 0]
+                    if getattr(checkpoint, name) < 0]
         if negative:
-            raise CorruptIndex(path, f"negative {negative}")
-        return index
+            raise CorruptCheckpoint(path, f"negative {negative}")
+        return checkpoint
 
     def save(self, path: Path) -> None:
         self.updated_at = time.time()

@@ -150,11 +150,11 @@ class SliceOutputs:
         return self.captions.rows
 
 
-def read_slice_outputs(output: OutputFormat, rows: SliceKeys, index: SliceCheckpoint | None) -> SliceOutputs:
-    """Read the slice of `output` (its `rows`) back, up to what `index` committed (None: no index, whole files)."""
-    captions = output.read(rows, index)
+def read_slice_outputs(output: OutputFormat, rows: SliceKeys, checkpoint: SliceCheckpoint | None) -> SliceOutputs:
+    """Read the slice of `output` (its `rows`) back, up to what `checkpoint` committed (None: whole files)."""
+    captions = output.read(rows, checkpoint)
     ledger = scan_append_only(output.layout.failures_file(output.slice_id),
-                              None if index is None else index.failures_offset, ledger_line_problem)
+                              None if checkpoint is None else checkpoint.failures_offset, ledger_line_problem)
     ledger_lines: dict[int, Line] = {}
     foreign, repeated = list(captions.foreign), list(captions.repeated)
     for line in ledger.lines:

@@ -62,8 +62,8 @@ class OutputLayout:
     root: Path
 
     @staticmethod
-    def slice_name(index: int) -> str:
-        return f"slice_{index:05d}"
+    def slice_name(slice_id: int) -> str:
+        return f"slice_{slice_id:05d}"
 
     @property
     def captions_dir(self) -> Path:
@@ -72,8 +72,8 @@ class OutputLayout:
     def caption_json(self, key: str) -> Path:
         return self.captions_dir / f"{key_to_relpath(key)}.json"
 
-    def caption_jsonl(self, index: int) -> Path:
-        return self.captions_dir / f"{self.slice_name(index)}.jsonl"
+    def caption_jsonl(self, slice_id: int) -> Path:
+        return self.captions_dir / f"{self.slice_name(slice_id)}.jsonl"
 
     @property
     def images_dir(self) -> Path:
@@ -86,55 +86,55 @@ class OutputLayout:
     def query_file(self) -> Path:
         return self.root / "queries" / "query.txt"
 
-    def end_marker(self, index: int) -> Path:
-        return self.root / f"end{index}.txt"
+    def end_marker(self, slice_id: int) -> Path:
+        return self.root / f"end{slice_id}.txt"
 
-    def kill_file(self, index: int) -> Path:
-        return self.root / f"kill{index}.txt"
+    def kill_file(self, slice_id: int) -> Path:
+        return self.root / f"kill{slice_id}.txt"
 
     @property
     def state_dir(self) -> Path:
         return self.root / "state"
 
-    def index_file(self, index: int) -> Path:
-        return self.state_dir / f"{self.slice_name(index)}.json"
+    def checkpoint_file(self, slice_id: int) -> Path:
+        return self.state_dir / f"{self.slice_name(slice_id)}.json"
 
-    def lease_file(self, index: int) -> Path:
-        return self.state_dir / f"{self.slice_name(index)}.lease"
+    def lease_file(self, slice_id: int) -> Path:
+        return self.state_dir / f"{self.slice_name(slice_id)}.lease"
 
-    def reserve_file(self, index: int) -> Path:
+    def reserve_file(self, slice_id: int) -> Path:
         """Space kept for recording a crash when the disk is full (deleted to make that room)."""
-        return self.state_dir / f"{self.slice_name(index)}.reserve"
+        return self.state_dir / f"{self.slice_name(slice_id)}.reserve"
 
     @property
     def write_probe(self) -> Path:
         """A file the start-up check writes and removes: the folder is writable before any work starts."""
         return self.state_dir / ".write_probe"
 
-    def temp_dir(self, index: int) -> Path:
-        return self.root / "tmp" / self.slice_name(index)
+    def temp_dir(self, slice_id: int) -> Path:
+        return self.root / "tmp" / self.slice_name(slice_id)
 
     @property
     def failures_dir(self) -> Path:
         return self.root / "failures"
 
-    def failures_file(self, index: int) -> Path:
-        return self.failures_dir / f"{self.slice_name(index)}.jsonl"
+    def failures_file(self, slice_id: int) -> Path:
+        return self.failures_dir / f"{self.slice_name(slice_id)}.jsonl"
 
-    def stamp_file(self, index: int) -> Path:
-        return self.root / "stamps" / f"{self.slice_name(index)}.json"
+    def stamp_file(self, slice_id: int) -> Path:
+        return self.root / "stamps" / f"{self.slice_name(slice_id)}.json"
 
-    def slice_temporaries(self, index: int) -> list[tuple[Path, str]]:
+    def slice_temporaries(self, slice_id: int) -> list[tuple[Path, str]]:
         """(folder, glob) of the temporary files an interrupted atomic write of slice `index` can leave."""
-        name = self.slice_name(index)
+        name = self.slice_name(slice_id)
         return [(self.state_dir, f".{name}.*.tmp"), (self.root / "stamps", f".{name}.*.tmp")]
 
     @property
     def logs_dir(self) -> Path:
         return self.root / "logs"
 
-    def log_file(self, index: int) -> Path:
-        return self.logs_dir / f"{self.slice_name(index)}.log"
+    def log_file(self, slice_id: int) -> Path:
+        return self.logs_dir / f"{self.slice_name(slice_id)}.log"
 
     @property
     def submitit_dir(self) -> Path:

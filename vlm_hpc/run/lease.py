@@ -33,6 +33,7 @@ from filelock import FileLock, SoftFileLock, Timeout
 from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.environment import JobEnvironment
 from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.run.committed import parse_record
 from vlm_hpc.run.durable import write_atomic
 
 LOCK_TIMEOUT_S = 30.0
@@ -109,6 +110,38 @@ def live_holder(path: Path, stale_seconds: float) -> str | None:
     if task and not slurm.task_alive(task):
         return None
     return _describe(holder)
+
+
+def _record_problem(record: object) -> str | None:
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    if record.get("released") is True:  # a released lease keeps its generation
+        expected = {"generation": (int,)}
+    else:
+        # Held leases written before generations existed have none: not corrupt.
+        expected = {"host": (str,), "pid": (int,), "heartbeat": (int, float), "token": (str,)}
+    wrong = [name for name, types in expected.items()
+             if not isinstance(record.get(name), types) or isinstance(record.get(name), bool)]
+    return f"fields {wrong} are missing or of the wrong type" if wrong else None
+
+
+def lease_file_problem(path: Path) -> str | None:
+    """What is wrong with a slice's lease file (for verify), None when it is absent or sound."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    return parse_record(data, _record_problem)[1]
+
+
+def heartbeat_age(record: dict | None) -> float | None:
+    """Seconds since the record's holder last beat; None when the record names no holder."""
+    if not _is_holder(record):
+        return None
+    age = _heartbeat_age(record)  # type: ignore[arg-type]
+    return None if age == float("inf") else age
 
 
 @contextmanager

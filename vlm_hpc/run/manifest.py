@@ -72,8 +72,8 @@ def scan_dataset(rows: RowReader, num_slices: int) -> tuple[dict[str, int], dict
             else:
                 first_row[key] = start + offset
 
-    fingerprints = {str(index): slice_fingerprint(rows, *slice_bounds(rows.num_rows, index, num_slices), keys_seen)
-                    for index in range(num_slices)}
+    fingerprints = {str(s): slice_fingerprint(rows, *slice_bounds(rows.num_rows, s, num_slices), keys_seen)
+                    for s in range(num_slices)}
     return duplicates, fingerprints
 
 
@@ -135,11 +135,11 @@ def _check_same_run(layout: OutputLayout, existing: RunManifest, rows: RowReader
                           f"or pass --force to start over in this one")
 
 
-def _check_slice_rows(layout: OutputLayout, existing: RunManifest, index: int, fingerprint: str,
+def _check_slice_rows(layout: OutputLayout, existing: RunManifest, slice_id: int, fingerprint: str,
                       bounds: tuple[int, int]) -> None:
-    recorded = existing.slice_fingerprints.get(str(index))
+    recorded = existing.slice_fingerprints.get(str(slice_id))
     if recorded is not None and recorded != fingerprint:
-        raise VlmHpcError(f"{layout.root}: the rows of slice {index} [{bounds[0]}, {bounds[1]}) changed since the "
+        raise VlmHpcError(f"{layout.root}: the rows of slice {slice_id} [{bounds[0]}, {bounds[1]}) changed since the "
                           f"run began (a key or an image's byte length differs; fingerprint {recorded} then, "
                           f"{fingerprint} now); restore the dataset, or use a new output.dir")
 
@@ -153,15 +153,15 @@ def _refuse_changes(layout: OutputLayout, changed: list[str]) -> VlmHpcError:
 def _finished_rows(layout: OutputLayout, num_slices: int) -> dict[str, int]:
     """Rows finished by each slice that has started, as its index says now."""
     finished = {}
-    for index in range(num_slices):
-        state = SliceCheckpoint.load(layout.index_file(index))
+    for slice_id in range(num_slices):
+        state = SliceCheckpoint.load(layout.checkpoint_file(slice_id))
         if state is not None:
-            finished[str(index)] = state.finished_rows
+            finished[str(slice_id)] = state.finished_rows
     return finished
 
 
 def _update(layout: OutputLayout, rows: RowReader, config: RunConfig, num_slices: int, pins: PinnedSettings,
-            slice_index: int | None, fingerprint: str | None, accept_changes: bool) -> ManifestCheck:
+            slice_id: int | None, fingerprint: str | None, accept_changes: bool) -> ManifestCheck:
     """Record what is missing and what was accepted, re-reading the manifest under its lock so that slices
     updating it at once keep each other's records."""
     try:
@@ -175,13 +175,13 @@ def _update(layout: OutputLayout, rows: RowReader, config: RunConfig, num_slices
             if comparison.not_pinned:
                 notes.append(f"{layout.manifest_file.name} did not pin {', '.join(comparison.not_pinned)} "
                              "(written before they were pinned): pinned now as this start's settings")
-            if fingerprint is not None and str(slice_index) not in existing.slice_fingerprints:
-                existing.slice_fingerprints[str(slice_index)] = fingerprint
-                notes.append(f"{layout.manifest_file.name} had no content fingerprint of slice {slice_index}: "
+            if fingerprint is not None and str(slice_id) not in existing.slice_fingerprints:
+                existing.slice_fingerprints[str(slice_id)] = fingerprint
+                notes.append(f"{layout.manifest_file.name} had no content fingerprint of slice {slice_id}: "
                              "recorded it now")
             if comparison.changed:
                 existing.accepted_changes.append({
-                    "time": time.time(), "slice": slice_index, "differences": comparison.changed,
+                    "time": time.time(), "slice": slice_id, "differences": comparison.changed,
                     "finished_rows": _finished_rows(layout, num_slices)})
                 notes.append(f"accepted changed settings (--accept-changes): {'; '.join(comparison.changed)}")
             existing.pinned = pins.to_dict()
@@ -214,10 +214,10 @@ def _create(layout: OutputLayout, rows: RowReader, config: RunConfig, num_slices
 
 
 def ensure_manifest(layout: OutputLayout, rows: RowReader, config: RunConfig, num_slices: int,
-                    pins: PinnedSettings, slice_index: int | None = None,
+                    pins: PinnedSettings, slice_id: int | None = None,
                     accept_changes: bool = False) -> ManifestCheck:
     """Create the manifest on first use, else check that this start agrees with it: the same run (dataset,
-    slicing, output format: always refused otherwise), the same rows in `slice_index` (a worker; a submission
+    slicing, output format: always refused otherwise), the same rows in slice `slice_id` (a worker; a submission
     passes None), the same pinned settings (refused otherwise unless `accept_changes`)."""
     if not layout.manifest_file.exists():
         created = _create(layout, rows, config, num_slices, pins)
@@ -226,14 +226,14 @@ def ensure_manifest(layout: OutputLayout, rows: RowReader, config: RunConfig, nu
     existing = _load(layout)
     _check_same_run(layout, existing, rows, config, num_slices)
     fingerprint = None
-    if slice_index is not None:
-        bounds = slice_bounds(rows.num_rows, slice_index, num_slices)
+    if slice_id is not None:
+        bounds = slice_bounds(rows.num_rows, slice_id, num_slices)
         fingerprint = slice_fingerprint(rows, *bounds)
-        _check_slice_rows(layout, existing, slice_index, fingerprint, bounds)
+        _check_slice_rows(layout, existing, slice_id, fingerprint, bounds)
     comparison = compare_pins(existing.pinned, pins)
     if comparison.changed and not accept_changes:
         raise _refuse_changes(layout, comparison.changed)
     if comparison.changed or comparison.not_pinned or (
-            fingerprint is not None and str(slice_index) not in existing.slice_fingerprints):
-        return _update(layout, rows, config, num_slices, pins, slice_index, fingerprint, accept_changes)
+            fingerprint is not None and str(slice_id) not in existing.slice_fingerprints):
+        return _update(layout, rows, config, num_slices, pins, slice_id, fingerprint, accept_changes)
     return ManifestCheck(existing, [], [])

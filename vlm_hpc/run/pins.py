@@ -32,6 +32,7 @@ class PinnedSettings:
     model: str = field(metadata=_setting("model"))  # model_fingerprint of model.path
     tokenizer: str = field(metadata=_setting("tokenizer"))  # tokenizer_fingerprint of model.path
     dtype: str = field(metadata=_setting("model.dtype"))
+    engine: str = field(metadata=_setting("model.engine"))  # another implementation may give other tokens
     system_message: str = field(metadata=_setting("prompt.system_message"))  # as resolved, never None
     question: str = field(metadata=_setting("prompt.question"))
     max_num: int = field(metadata=_setting("tiling.max_num"))
@@ -52,6 +53,7 @@ def pinned_settings(config: RunConfig, folder: ModelFolder) -> PinnedSettings:
     g = config.generation
     return PinnedSettings(
         model=folder.fingerprint, tokenizer=folder.tokenizer_fingerprint, dtype=config.model.dtype,
+        engine=config.model.engine,
         # Resolved as the engine resolves it: the config's, else config.json's, else the template's default.
         system_message=config.prompt.system_message or folder.system_message, question=config.prompt.question,
         max_num=config.tiling.max_num, skip_truncated=config.tiling.skip_truncated, do_sample=g.do_sample,

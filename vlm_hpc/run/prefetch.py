@@ -58,7 +58,7 @@ class PreparedRow:
 
 def prepare_row(row: Row, max_num: int, skip_truncated: bool, duplicate_of: int | None, is_sample: bool) -> PreparedRow:
     """Decode and tile one row, or say why not (runs in DataLoader processes)."""
-    prepared = PreparedRow(row.index, row.key, row.web_caption)
+    prepared = PreparedRow(row.row, row.key, row.web_caption)
     if row.key is None or row.key == "":
         prepared.failure, prepared.detail = "missing_key", "the key cell is empty"
         return prepared
@@ -139,9 +139,9 @@ class SliceBatches(Dataset):
     def __getitem__(self, item: int) -> PreparedBatch:
         wanted = self.windows[item]
         keep = set(wanted)
-        rows = [r for r in self.rows.read(wanted[0], wanted[-1] + 1) if r.index in keep]
-        return PreparedBatch.pack([prepare_row(r, self.max_num, self.skip_truncated, self.duplicates.get(str(r.index)),
-                                               r.index % self.sample_stride == 0) for r in rows])
+        rows = [r for r in self.rows.read(wanted[0], wanted[-1] + 1) if r.row in keep]
+        return PreparedBatch.pack([prepare_row(r, self.max_num, self.skip_truncated, self.duplicates.get(str(r.row)),
+                                               r.row % self.sample_stride == 0) for r in rows])
 
 
 def _collate(items: list[PreparedBatch]) -> PreparedBatch:

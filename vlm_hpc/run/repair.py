@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vlm_hpc.cluster.array_spec import format_indices
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.run.checkpoint import CorruptIndex, SliceCheckpoint, intervals_of
+from vlm_hpc.run.checkpoint import CorruptCheckpoint, SliceCheckpoint, intervals_of
 from vlm_hpc.run.committed import AppendOnlyFile, Line, SliceOutputs, damage_hint, read_slice_outputs
 from vlm_hpc.run.durable import truncate_to, write_atomic
 from vlm_hpc.run.layout import OutputLayout
@@ -31,31 +31,34 @@ def repair_command(layout: OutputLayout) -> str:
     return f"python -m vlm_hpc.verify {shlex.quote(str(layout.root))} --repair"
 
 
-def load_index(layout: OutputLayout, number: int, num_slices: int, start: int, stop: int) -> SliceCheckpoint | None:
-    """Slice `number`'s index, None if there is none; CorruptIndex if it is damaged or is another slice's."""
-    path = layout.index_file(number)
-    index = SliceCheckpoint.load(path)
-    if index is not None and (index.slice, index.num_slices, index.start, index.stop) != (number, num_slices,
-                                                                                           start, stop):
-        raise CorruptIndex(path, f"it is slice {index.slice} of {index.num_slices} (rows [{index.start}, "
-                                 f"{index.stop})), not slice {number} of {num_slices} (rows [{start}, {stop}))")
-    return index
+def load_checkpoint(layout: OutputLayout, slice_id: int, num_slices: int, start: int,
+                    stop: int) -> SliceCheckpoint | None:
+    """Slice `slice_id`'s checkpoint, None if there is none; CorruptCheckpoint if damaged or another slice's."""
+    path = layout.checkpoint_file(slice_id)
+    checkpoint = SliceCheckpoint.load(path)
+    if checkpoint is None:
+        return None
+    found = (checkpoint.slice, checkpoint.num_slices, checkpoint.start, checkpoint.stop)
+    if found != (slice_id, num_slices, start, stop):
+        raise CorruptCheckpoint(path, f"it is slice {found[0]} of {found[1]} (rows [{found[2]}, {found[3]})), "
+                                      f"not slice {slice_id} of {num_slices} (rows [{start}, {stop}))")
+    return checkpoint
 
 
-def resume_index(layout: OutputLayout, number: int, num_slices: int, start: int, stop: int,
-                 output: OutputFormat) -> SliceCheckpoint:
-    """The index to resume from, a new one for a slice never started, or one error naming the repair command."""
+def resume_checkpoint(layout: OutputLayout, slice_id: int, num_slices: int, start: int, stop: int,
+                      output: OutputFormat) -> SliceCheckpoint:
+    """The checkpoint to resume from, a new one for a slice never started, or one error naming the repair command."""
     try:
-        index = load_index(layout, number, num_slices, start, stop)
-    except CorruptIndex as exc:
+        checkpoint = load_checkpoint(layout, slice_id, num_slices, start, stop)
+    except CorruptCheckpoint as exc:
         raise VlmHpcError(f"{exc}; rebuild it from the slice's outputs with: {repair_command(layout)}") from None
-    if index is not None:
-        return index
-    for path in [*output.append_only_files(), layout.failures_file(number)]:
+    if checkpoint is not None:
+        return checkpoint
+    for path in [*output.append_only_files(), layout.failures_file(slice_id)]:
         if path.exists() and path.stat().st_size > 0:  # a fresh start would cut its committed lines away
-            raise VlmHpcError(f"{layout.index_file(number)} is missing but {path} holds committed lines; "
+            raise VlmHpcError(f"{layout.checkpoint_file(slice_id)} is missing but {path} holds committed lines; "
                               f"rebuild the index from them with: {repair_command(layout)}")
-    return SliceCheckpoint(slice=number, num_slices=num_slices, start=start, stop=stop)
+    return SliceCheckpoint(slice=slice_id, num_slices=num_slices, start=start, stop=stop)
 
 
 def _rewrite(scan: AppendOnlyFile, kept: list[Line], temp_dir: Path) -> int:
@@ -77,19 +80,19 @@ def _kept_lines(outputs: SliceOutputs, rows: set[int]) -> tuple[list[Line], list
     return pick(outputs.captions.lines), pick(outputs.ledger_lines)
 
 
-def repair_on_resume(output: OutputFormat, index: SliceCheckpoint, keys: Callable[[], list[str | None]],
+def repair_on_resume(output: OutputFormat, checkpoint: SliceCheckpoint, keys: Callable[[], list[str | None]],
                      duplicate_rows: dict[str, int], log: logging.Logger) -> None:
     """If an append-only file looks damaged (`damage_hint`), scan the slice's outputs, send rows without an
     intact output back to pending, keep only intact lines, and save the index with what was repaired."""
-    layout, number = output.layout, index.slice
-    hints: dict[Path, str] = output.damage_hints(index)
-    hint = damage_hint(layout.failures_file(number), index.failures_offset, None)
+    layout, slice_id = output.layout, checkpoint.slice
+    hints: dict[Path, str] = output.damage_hints(checkpoint)
+    hint = damage_hint(layout.failures_file(slice_id), checkpoint.failures_offset, None)
     if hint:
-        hints[layout.failures_file(number)] = hint
+        hints[layout.failures_file(slice_id)] = hint
     if not hints:
         return
-    outputs = read_slice_outputs(output, SliceKeys(index.start, keys(), duplicate_rows), index)
-    done = {row for a, b in index.done for row in range(a, b)}
+    outputs = read_slice_outputs(output, SliceKeys(checkpoint.start, keys(), duplicate_rows), checkpoint)
+    done = {row for a, b in checkpoint.done for row in range(a, b)}
     lost = done - outputs.captioned - outputs.failed
     kept = done - lost
     caption_lines, ledger_lines = _kept_lines(outputs, kept)
@@ -99,14 +102,14 @@ def repair_on_resume(output: OutputFormat, index: SliceCheckpoint, keys: Callabl
     damaged = [scan.path for scan, _, _ in scans if scan.damaged] or list(hints)
     sizes = {}
     for scan, lines, _ in scans:
-        sizes[scan.path] = _rewrite(scan, lines, layout.temp_dir(number))
+        sizes[scan.path] = _rewrite(scan, lines, layout.temp_dir(slice_id))
     now = time.time()
     for scan, lines, what in scans:
         if scan.path not in hints and sizes[scan.path] == scan.committed:
             continue
         pending = sorted(lost) if scan.path in damaged else []
         relative = str(scan.path.relative_to(layout.root))
-        index.repairs.append({"time": now, "file": relative, "found": hints.get(scan.path, "lines of rows below"),
+        checkpoint.repairs.append({"time": now, "file": relative, "found": hints.get(scan.path, "lines of rows below"),
                               "damage": scan.damage[:20], "rows_pending": intervals_of(pending),
                               "size": [scan.committed, sizes[scan.path]]})
         log.info(f"repaired {relative}: {hints.get(scan.path, 'held lines of rows sent back to pending')}; kept "
@@ -114,44 +117,43 @@ def repair_on_resume(output: OutputFormat, index: SliceCheckpoint, keys: Callabl
                  f"{format_indices(pending) if pending else 'none'}"
                  + (f" (their {what} is damaged or missing)" if pending else ""))
     if lost:  # the slice is no longer complete
-        layout.end_marker(number).unlink(missing_ok=True)
-    index.done = intervals_of(kept)
-    index.captions = len(outputs.captioned & kept)
-    index.failures = len(outputs.failed & kept)
+        layout.end_marker(slice_id).unlink(missing_ok=True)
+    checkpoint.done = intervals_of(kept)
+    checkpoint.captions = len(outputs.captioned & kept)
+    checkpoint.failures = len(outputs.failed & kept)
     if appended is not None:
-        index.record_output_state(output.appended_state(sizes[appended.path]))
-    index.failures_offset = sizes[outputs.ledger.path]
-    index.save(layout.index_file(number))
+        checkpoint.record_output_state(output.appended_state(sizes[appended.path]))
+    checkpoint.failures_offset = sizes[outputs.ledger.path]
+    checkpoint.save(layout.checkpoint_file(slice_id))
 
 
-def rebuild_index(output: OutputFormat, num_slices: int, start: int, keys: list[str | None],
-                  duplicate_rows: dict[str, int], why: str) -> SliceCheckpoint:
-    """A new index for the slice of `output` from its intact outputs (its files cut to their intact lines first)."""
-    layout, number = output.layout, output.slice_id
+def rebuild_checkpoint(output: OutputFormat, num_slices: int, start: int, keys: list[str | None],
+                       duplicate_rows: dict[str, int], why: str) -> SliceCheckpoint:
+    """A new checkpoint for the slice of `output` from its intact outputs (files cut to their intact lines first)."""
+    layout, slice_id = output.layout, output.slice_id
     outputs = read_slice_outputs(output, SliceKeys(start, keys, duplicate_rows), None)
     done = outputs.captioned | outputs.failed
     caption_lines, ledger_lines = _kept_lines(outputs, done)
     appended = outputs.captions.appended
     output_state = {}
     if appended is not None:
-        output_state = output.appended_state(_rewrite(appended, caption_lines, layout.temp_dir(number)))
-    failures_offset = _rewrite(outputs.ledger, ledger_lines, layout.temp_dir(number))
+        output_state = output.appended_state(_rewrite(appended, caption_lines, layout.temp_dir(slice_id)))
+    failures_offset = _rewrite(outputs.ledger, ledger_lines, layout.temp_dir(slice_id))
     # Damaged lines first, named by their file's name, then damaged whole files by their path.
     damage = [d.describe(d.path.name) for d in outputs.captions.damage if not d.whole_file]
     damage += [f"{outputs.ledger.path.name} {item}" for item in outputs.ledger.damage]
     damage += [d.describe(str(d.path)) for d in outputs.captions.damage if d.whole_file]
-    index = SliceCheckpoint(slice=number, num_slices=num_slices, start=start, stop=start + len(keys),
-                       done=intervals_of(done), captions=len(outputs.captioned), failures=len(outputs.failed),
-                       failures_offset=failures_offset, status="stopped",
-                       stop_reason="index rebuilt by verify --repair",
-                       repairs=[{"time": time.time(), "file": str(layout.index_file(number).relative_to(layout.root)),
-                                 "found": why, "damage": damage[:20],
-                                 "rows_done": intervals_of(done)}])
-    index.record_output_state(output_state)
-    if index.complete:  # as the worker would have finished it
-        index.status = "done"
-        write_atomic(layout.end_marker(number), f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    repair = {"time": time.time(), "file": str(layout.checkpoint_file(slice_id).relative_to(layout.root)),
+              "found": why, "damage": damage[:20], "rows_done": intervals_of(done)}
+    checkpoint = SliceCheckpoint(slice=slice_id, num_slices=num_slices, start=start, stop=start + len(keys),
+                                 done=intervals_of(done), captions=len(outputs.captioned),
+                                 failures=len(outputs.failed), failures_offset=failures_offset, status="stopped",
+                                 stop_reason="index rebuilt by verify --repair", repairs=[repair])
+    checkpoint.record_output_state(output_state)
+    if checkpoint.complete:  # as the worker would have finished it
+        checkpoint.status = "done"
+        write_atomic(layout.end_marker(slice_id), f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
     else:
-        layout.end_marker(number).unlink(missing_ok=True)
-    index.save(layout.index_file(number))
-    return index
+        layout.end_marker(slice_id).unlink(missing_ok=True)
+    checkpoint.save(layout.checkpoint_file(slice_id))
+    return checkpoint

@@ -39,7 +39,7 @@ from vlm_hpc.run.outputs import output_format
 from vlm_hpc.run.pins import PinnedSettings, pinned_settings
 from vlm_hpc.run.prefetch import PreparedBatch, PreparedRow, SliceBatches, batch_loader
 from vlm_hpc.run.readers import RowReader, open_reader
-from vlm_hpc.run.repair import repair_on_resume, resume_index
+from vlm_hpc.run.repair import repair_on_resume, resume_checkpoint
 from vlm_hpc.run.slicing import slice_bounds
 from vlm_hpc.run.stop import BatchAbandoned, StopRequest
 from vlm_hpc.run.writer import RowOutcome, SliceWriter
@@ -127,7 +127,7 @@ def row_outcomes(batch: list[PreparedRow], captions: dict[int, Caption | None]) 
             outcomes.append(RowOutcome(p.row, p.key, p.web_caption, failure="empty_caption",
                                        detail="the model produced no text"))
         else:
-            outcomes.append(RowOutcome(p.row, p.key, p.web_caption, caption=text, failure=p.failure,
+            outcomes.append(RowOutcome(p.row, p.key, p.web_caption, vlm_caption=text, failure=p.failure,
                                        detail=p.detail, sample=sample))
     return outcomes
 
@@ -148,12 +148,12 @@ class Batch:
     ready: list[PreparedRow]
 
 
-def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowReader, OutputLayout, PinnedSettings]:
+def check_inputs(config: RunConfig, slice_id: int, count: int) -> tuple[RowReader, OutputLayout, PinnedSettings]:
     """Everything that can be checked without the model: model folder, dataset and columns, output folder;
     returns the rows, the output folder and the settings this run pins."""
     folder = inspect_model_folder(config.model.path)
     rows = open_reader(config.data)
-    slice_bounds(rows.num_rows, index, count)
+    slice_bounds(rows.num_rows, slice_id, count)
     layout = OutputLayout(Path(config.output.dir))
     try:
         layout.state_dir.mkdir(parents=True, exist_ok=True)
@@ -166,13 +166,13 @@ def check_inputs(config: RunConfig, index: int, count: int) -> tuple[RowReader, 
     return rows, layout, pinned_settings(config, folder)
 
 
-def run_slice(config: RunConfig, index: int, count: int, engine_factory: EngineFactory = load_engine,
-              stop: StopRequest | None = None, accept_changes: bool = False) -> SliceOutcome:
-    """Caption slice `index` of `count` to completion or until asked to stop; resumable at any point.
+def run_slice(config: RunConfig, slice_id: int, count: int, engine_factory: EngineFactory = load_engine,
+              stop_request: StopRequest | None = None, accept_changes: bool = False) -> SliceOutcome:
+    """Caption slice `slice_id` of `count` to completion or until asked to stop; resumable at any point.
     A resume with other pinned settings (vlm_hpc.run.pins) is refused unless `accept_changes`. An I/O error on the
     output folder is raised as one VlmHpcError line, recorded as the slice's crash."""
     try:
-        return SliceRun.start(config, index, count, engine_factory, stop, accept_changes).run()
+        return SliceRun.start(config, slice_id, count, engine_factory, stop_request, accept_changes).run()
     except OSError as exc:
         raise VlmHpcError(io_error_line(exc, Path(config.output.dir))) from None
 
@@ -183,7 +183,7 @@ class SliceRun:
 
     def __init__(self, config: RunConfig, slice_id: int, count: int, rows: RowReader, layout: OutputLayout,
                  check: ManifestCheck, log: logging.Logger, environment: JobEnvironment, lease: SliceLease,
-                 stop: StopRequest, engine_factory: EngineFactory) -> None:
+                 stop_request: StopRequest, engine_factory: EngineFactory) -> None:
         self.config = config
         self.slice_id = slice_id
         self.count = count
@@ -193,7 +193,7 @@ class SliceRun:
         self.log = log
         self.environment = environment
         self.lease = lease
-        self.stop = stop
+        self.stop_request = stop_request
         self.engine_factory = engine_factory
         self.first_row, self.end_row = slice_bounds(rows.num_rows, slice_id, count)
         self.writer = SliceWriter(layout, slice_id, output_format(config.output.format, layout, slice_id), lease)
@@ -201,11 +201,11 @@ class SliceRun:
 
     @classmethod
     def start(cls, config: RunConfig, slice_id: int, count: int, engine_factory: EngineFactory,
-              stop: StopRequest | None, accept_changes: bool) -> SliceRun:
+              stop_request: StopRequest | None, accept_changes: bool) -> SliceRun:
         """Check the inputs and the manifest (before any model is loaded), open the slice's log, take its lease
         and start the heartbeat."""
         rows, layout, pins = check_inputs(config, slice_id, count)
-        check = ensure_manifest(layout, rows, config, count, pins, slice_index=slice_id, accept_changes=accept_changes)
+        check = ensure_manifest(layout, rows, config, count, pins, slice_id=slice_id, accept_changes=accept_changes)
         log = _setup_logging(layout, slice_id)
         for note in check.notes:
             log.info(f"manifest: {note}")
@@ -218,8 +218,9 @@ class SliceRun:
             if recovered:
                 log.info(f"took over the slice lease: {recovered}")
             lease.start_heartbeat()
-            stop = stop or StopRequest(layout.kill_file(slice_id), config.worker.grace_seconds)
-            return cls(config, slice_id, count, rows, layout, check, log, environment, lease, stop, engine_factory)
+            stop_request = stop_request or StopRequest(layout.kill_file(slice_id), config.worker.grace_seconds)
+            return cls(config, slice_id, count, rows, layout, check, log, environment, lease, stop_request,
+                       engine_factory)
         except BaseException:
             lease.release()
             raise
@@ -240,7 +241,7 @@ class SliceRun:
                 self.record_crash(exc)
             raise
         finally:
-            self.stop.uninstall()
+            self.stop_request.uninstall()
             self.lease.release()
 
     def resume(self) -> SliceCheckpoint:
@@ -250,7 +251,7 @@ class SliceRun:
         for folder, pattern in self.layout.slice_temporaries(self.slice_id):
             if removed := remove_stale_temporaries(folder, pattern):
                 self.log.info(f"removed {removed} temporary files an interrupted write left in {folder}")
-        state = self.state = resume_index(self.layout, self.slice_id, self.count, self.first_row, self.end_row,
+        state = self.state = resume_checkpoint(self.layout, self.slice_id, self.count, self.first_row, self.end_row,
                                           self.writer.output)
         with self.lease.fenced():
             repair_on_resume(self.writer.output, state,
@@ -261,7 +262,7 @@ class SliceRun:
         state.attempts += 1
         state.status, state.stop_reason, state.started_at = "running", None, time.time()
         state.rows_at_start = state.finished_rows
-        self.writer.save_index(state)
+        self.writer.save_checkpoint(state)
         self.log.info(f"start: rows [{self.first_row}, {self.end_row}) of {self.rows.num_rows}, "
                       f"{state.finished_rows} already done, attempt {state.attempts}, bicubic resize by "
                       f"{resampler()}, {self.environment.describe()}")
@@ -269,10 +270,10 @@ class SliceRun:
 
     def caption_pending(self, state: SliceCheckpoint) -> SliceOutcome:
         """Load the engine, unless a stop came first, and caption the pending rows until done or stopped."""
-        self.stop.install()
-        engine = None if self.stop.requested else self.engine_factory(self.config)
-        if engine is None or self.stop.requested:  # stop signals count from the command's first instant
-            return self.finish("requeued" if self.stop.requeue else "stopped", self.stop.reason)
+        self.stop_request.install()
+        engine = None if self.stop_request.requested else self.engine_factory(self.config)
+        if engine is None or self.stop_request.requested:  # stop signals count from the command's first instant
+            return self.finish("requeued" if self.stop_request.requeue else "stopped", self.stop_request.reason)
         if not self.layout.query_file.exists():
             write_atomic(self.layout.query_file, self.config.prompt.question.encode())
         self.write_stamp(engine)
@@ -291,7 +292,8 @@ class SliceRun:
             raise LeaseLost(self.lease.lost_reason or "the slice lease was lost")
         if state.complete:
             return self.finish("done", None)
-        return self.finish("requeued" if self.stop.requeue else "stopped", self.stop.reason or "unknown")
+        stop = self.stop_request
+        return self.finish("requeued" if stop.requeue else "stopped", stop.reason or "unknown")
 
     def write_stamp(self, engine: Engine) -> None:
         """Add this attempt to the slice's reproducibility stamps (a record, not state: a damaged file is set
@@ -320,7 +322,7 @@ class SliceRun:
         """Record how this attempt ended (done: with the end marker)."""
         state = self.state
         state.status, state.stop_reason = status, reason
-        self.writer.save_index(state)
+        self.writer.save_checkpoint(state)
         if status == "done":
             self.writer.write_fenced(self.layout.end_marker(self.slice_id),
                                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
@@ -342,9 +344,9 @@ class SliceRun:
             self.layout.reserve_file(state.slice).unlink(missing_ok=True)  # the room to write what follows
         self.log.info(f"crashed: {state.stop_reason}")
         try:
-            self.writer.save_index(state)
+            self.writer.save_checkpoint(state)
         except (OSError, LeaseLost) as save_error:
-            self.log.info(f"could not record the crash in {self.layout.index_file(state.slice)} ({save_error})")
+            self.log.info(f"could not record the crash in {self.layout.checkpoint_file(state.slice)} ({save_error})")
 
 
 def _tile_count(prepared: PreparedRow) -> int:
@@ -389,7 +391,7 @@ class BatchLoop:
     def run_batches(self, batches: list[Batch]) -> bool:
         """Caption batches until a stop; False when stopped."""
         for batch in batches:
-            if self.slice.stop.requested or self.slice.lease.lost.is_set() or not self.caption_batch(batch):
+            if self.slice.stop_request.requested or self.slice.lease.lost.is_set() or not self.caption_batch(batch):
                 return False
         return True
 
@@ -445,7 +447,7 @@ class BatchLoop:
 
     def poll(self) -> None:
         """Between decoding steps: abandon the batch past the stop deadline, or once the lease is lost."""
-        self.slice.stop.check_deadline()
+        self.slice.stop_request.check_deadline()
         if self.slice.lease.lost.is_set():
             raise BatchAbandoned(self.slice.lease.lost_reason or "the slice lease was lost")
 

@@ -30,64 +30,66 @@ class RowOutcome:
     row: int
     key: str | None
     web_caption: str | None
-    caption: str | None = None
+    vlm_caption: str | None = None
     failure: str | None = None  # reason tag for the ledger
     detail: str = ""
     sample: tuple[bytes, str] | None = None  # (original bytes, file extension) for the sample folder
 
     def ledger_line(self) -> dict:
         return {"row": self.row, "key": self.key, "reason": self.failure, "detail": self.detail,
-                "captioned": self.caption is not None, "time": time.time()}
+                "captioned": self.vlm_caption is not None, "time": time.time()}
 
 
 class SliceWriter:
     """Writes one slice's outputs in its output format."""
 
-    def __init__(self, layout: OutputLayout, slice_index: int, output: OutputFormat, lease: SliceLease) -> None:
+    def __init__(self, layout: OutputLayout, slice_id: int, output: OutputFormat, lease: SliceLease) -> None:
         self.layout = layout
-        self.slice = slice_index
+        self.slice_id = slice_id
         self.output = output
         self.lease = lease
-        self.temp_dir = layout.temp_dir(slice_index)
+        self.temp_dir = layout.temp_dir(slice_id)
 
-    def save_index(self, index: SliceCheckpoint) -> None:
-        """Rewrite the slice index (status changes), fenced by the lease."""
+    def save_checkpoint(self, checkpoint: SliceCheckpoint) -> None:
+        """Rewrite the slice checkpoint (status changes), fenced by the lease."""
         with self.lease.fenced():
-            index.save(self.layout.index_file(self.slice))
+            checkpoint.save(self.layout.checkpoint_file(self.slice_id))
 
     def write_fenced(self, path: Path, data: bytes) -> None:
         """Write a file of this slice's (end marker, stamp) atomically, fenced by the lease."""
         with self.lease.fenced():
             write_atomic(path, data)
 
-    def recover(self, index: SliceCheckpoint) -> None:
+    def recover(self, checkpoint: SliceCheckpoint) -> None:
         """Cut append-only files back to what the index says was committed; drop half-written files."""
         if self.temp_dir.exists():
             shutil.rmtree(self.temp_dir)
         self.temp_dir.mkdir(parents=True)
-        self.output.recover(index)
-        truncate_to(self.layout.failures_file(self.slice), index.failures_offset)
+        self.output.recover(checkpoint)
+        truncate_to(self.layout.failures_file(self.slice_id), checkpoint.failures_offset)
 
-    def commit_batch(self, outcomes: list[RowOutcome], index: SliceCheckpoint, seconds: float) -> None:
+    def commit_batch(self, outcomes: list[RowOutcome], checkpoint: SliceCheckpoint, seconds: float) -> None:
         """Make every output of the batch durable, then record the batch in the index (the commit point);
         raises LeaseLost, writing nothing, when another worker holds the slice now."""
         with self.lease.fenced():
-            self._commit_batch(outcomes, index, seconds)
+            self._commit_batch(outcomes, checkpoint, seconds)
 
-    def _commit_batch(self, outcomes: list[RowOutcome], index: SliceCheckpoint, seconds: float) -> None:
-        captioned = [o for o in outcomes if o.caption is not None]
-        staged = self.output.stage([CaptionRecord(o.row, o.key, o.web_caption, o.caption) for o in captioned], index)
+    def _commit_batch(self, outcomes: list[RowOutcome], checkpoint: SliceCheckpoint, seconds: float) -> None:
+        captioned = [o for o in outcomes if o.vlm_caption is not None]
+        records = [CaptionRecord(o.row, o.key, o.web_caption, o.vlm_caption) for o in captioned]
+        staged = self.output.stage(records, checkpoint)
         files = list(staged.files)
         samples = [o for o in outcomes if o.sample is not None and o.key is not None]
         files += [(self.layout.sample_image(o.key, o.sample[1]), o.sample[0]) for o in samples]
         if files:
             write_many_atomic(files, self.temp_dir)
-        failures_offset = index.failures_offset
+        failures_offset = checkpoint.failures_offset
         ledger = [o.ledger_line() for o in outcomes if o.failure is not None]
         if ledger:
             text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in ledger)
-            failures_offset = append_durable(self.layout.failures_file(self.slice), text.encode(), failures_offset)
+            failures_offset = append_durable(self.layout.failures_file(self.slice_id), text.encode(), failures_offset)
         self.lease.confirm()  # again right before the commit point (the lock makes it a formality)
-        index.commit(self.layout.index_file(self.slice), [o.row for o in outcomes], captions=len(captioned),
-                     failures=sum(o.caption is None for o in outcomes), output_state=staged.index_state,
-                     failures_offset=failures_offset, samples=len(samples), seconds=seconds)
+        checkpoint.commit(self.layout.checkpoint_file(self.slice_id), [o.row for o in outcomes],
+                          captions=len(captioned), failures=sum(o.vlm_caption is None for o in outcomes),
+                          output_state=staged.checkpoint_state, failures_offset=failures_offset,
+                          samples=len(samples), seconds=seconds)

@@ -43,7 +43,7 @@ class StagedBatch:
     durable in one go with the batch's sample images) and the index state to record at the commit point."""
 
     files: list[tuple[Path, bytes]] = field(default_factory=list)
-    index_state: IndexState = field(default_factory=dict)
+    checkpoint_state: IndexState = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -109,26 +109,26 @@ class OutputFormat(ABC):
     # Write side: called by the writer inside the lease fence.
 
     @abstractmethod
-    def recover(self, index: SliceCheckpoint) -> None:
-        """Bring the slice's caption files back to what `index` committed (a resume after a crash)."""
+    def recover(self, checkpoint: SliceCheckpoint) -> None:
+        """Bring the slice's caption files back to what `checkpoint` committed (a resume after a crash)."""
 
     @abstractmethod
-    def stage(self, records: Sequence[CaptionRecord], index: SliceCheckpoint) -> StagedBatch:
+    def stage(self, records: Sequence[CaptionRecord], checkpoint: SliceCheckpoint) -> StagedBatch:
         """Write `records` (maybe none) durably, or return them as whole files for the writer to rename into place;
         the returned index state is recorded when the batch commits, and nothing is committed before that."""
 
     # Read side: nothing here writes.
 
     @abstractmethod
-    def read(self, rows: SliceKeys, index: SliceCheckpoint | None) -> CommittedCaptions:
-        """The slice's intact captions and their damage, up to what `index` committed (None: no index, read all).
-        Captions of rows the index does not mark done may be among them (a batch written just before a crash)."""
+    def read(self, rows: SliceKeys, checkpoint: SliceCheckpoint | None) -> CommittedCaptions:
+        """The slice's intact captions and their damage, up to what `checkpoint` committed (None: read all).
+        Captions of rows the checkpoint does not mark done may be among them (a batch written just before a crash)."""
 
-    def committed_captions(self, rows: SliceKeys, index: SliceCheckpoint) -> Iterator[CaptionRecord]:
+    def committed_captions(self, rows: SliceKeys, checkpoint: SliceCheckpoint) -> Iterator[CaptionRecord]:
         """The committed captions of the slice in row order (for an export)."""
-        captions = self.read(rows, index)
+        captions = self.read(rows, checkpoint)
         for row in sorted(captions.records):
-            if index.is_done(row):
+            if checkpoint.is_done(row):
                 yield captions.records[row]
 
     def append_only_files(self) -> list[Path]:
@@ -139,7 +139,7 @@ class OutputFormat(ABC):
         """Whether the slice wrote any caption (then an absent index was lost, not never written)."""
         return any(path.exists() and path.stat().st_size > 0 for path in self.append_only_files())
 
-    def damage_hints(self, index: SliceCheckpoint) -> dict[Path, str]:
+    def damage_hints(self, checkpoint: SliceCheckpoint) -> dict[Path, str]:
         """A cheap check on resume: the caption files that look damaged, with why; a full `read` follows."""
         return {}
 

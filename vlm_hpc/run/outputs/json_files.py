@@ -33,16 +33,16 @@ class JsonFiles(OutputFormat):
 
     name = "json"
 
-    def recover(self, index: SliceCheckpoint) -> None:
+    def recover(self, checkpoint: SliceCheckpoint) -> None:
         pass  # files are whole or absent; the writer clears half-written temporaries
 
-    def stage(self, records: Sequence[CaptionRecord], index: SliceCheckpoint) -> StagedBatch:
+    def stage(self, records: Sequence[CaptionRecord], checkpoint: SliceCheckpoint) -> StagedBatch:
         files = [(self.layout.caption_json(record.key),
                   json.dumps({"web_caption": record.web_caption, "vlm_caption": record.vlm_caption},
                              ensure_ascii=False).encode()) for record in records]
         return StagedBatch(files=files)
 
-    def read(self, rows: SliceKeys, index: SliceCheckpoint | None) -> CommittedCaptions:
+    def read(self, rows: SliceKeys, checkpoint: SliceCheckpoint | None) -> CommittedCaptions:
         captions = CommittedCaptions(records={})
         for row in range(rows.start, rows.stop):
             if not rows.owns_key(row):  # such rows are failures; another row owns the key

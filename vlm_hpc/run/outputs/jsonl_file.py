@@ -42,19 +42,20 @@ class JsonlFile(OutputFormat):
     def path(self) -> Path:
         return self.layout.caption_jsonl(self.slice_id)
 
-    def recover(self, index: SliceCheckpoint) -> None:
-        truncate_to(self.path, index.captions_offset)
+    def recover(self, checkpoint: SliceCheckpoint) -> None:
+        truncate_to(self.path, checkpoint.captions_offset)
 
-    def stage(self, records: Sequence[CaptionRecord], index: SliceCheckpoint) -> StagedBatch:
+    def stage(self, records: Sequence[CaptionRecord], checkpoint: SliceCheckpoint) -> StagedBatch:
         if not records:
             return StagedBatch()
         lines = "".join(json.dumps({"key": r.key, "web_caption": r.web_caption, "vlm_caption": r.vlm_caption,
                                     "row": r.row}, ensure_ascii=False) + "\n" for r in records)
-        return StagedBatch(index_state=self.appended_state(
-            append_durable(self.path, lines.encode(), index.captions_offset)))
+        return StagedBatch(checkpoint_state=self.appended_state(
+            append_durable(self.path, lines.encode(), checkpoint.captions_offset)))
 
-    def read(self, rows: SliceKeys, index: SliceCheckpoint | None) -> CommittedCaptions:
-        scan = scan_append_only(self.path, None if index is None else index.captions_offset, caption_line_problem)
+    def read(self, rows: SliceKeys, checkpoint: SliceCheckpoint | None) -> CommittedCaptions:
+        committed = None if checkpoint is None else checkpoint.captions_offset
+        scan = scan_append_only(self.path, committed, caption_line_problem)
         captions = CommittedCaptions(records={}, damage=[Damage(scan.path, item) for item in scan.damage],
                                      appended=scan)
         for line in scan.lines:
@@ -72,8 +73,8 @@ class JsonlFile(OutputFormat):
     def append_only_files(self) -> list[Path]:
         return [self.path]
 
-    def damage_hints(self, index: SliceCheckpoint) -> dict[Path, str]:
-        hint = damage_hint(self.path, index.captions_offset, index.captions)
+    def damage_hints(self, checkpoint: SliceCheckpoint) -> dict[Path, str]:
+        hint = damage_hint(self.path, checkpoint.captions_offset, checkpoint.captions)
         return {self.path: hint} if hint else {}
 
     def appended_state(self, size: int) -> IndexState:

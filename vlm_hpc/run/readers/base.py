@@ -29,7 +29,7 @@ class Row:
     """One input row: its global row number, web key, raw image bytes (None if the cell is empty) and the
     caption that came with the image from the web (None if there is none)."""
 
-    index: int
+    row: int
     key: str | None
     image: bytes | None
     web_caption: str | None
