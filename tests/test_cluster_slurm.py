@@ -63,3 +63,12 @@ def test_requeue_reports_what_happened(bin_dir: Path) -> None:
     assert slurm.requeue("123_4") == "requeued Slurm task 123_4"
     fake_command(bin_dir, "scontrol", 'echo "Job is pending" >&2; exit 1')
     assert slurm.requeue("123_4") == "scontrol requeue 123_4 failed: Job is pending"
+
+
+def test_kill_wait_and_the_controller_are_read_from_scontrol(bin_dir: Path) -> None:
+    fake_command(bin_dir, "scontrol", 'if [ "$1" = ping ]; then echo "Slurmctld(primary) at vm is UP"; '
+                                      'else printf "KillWait                = 5 sec\\n"; fi')
+    assert slurm.kill_wait() == 5 and slurm.controller_problem() is None
+    fake_command(bin_dir, "scontrol", 'echo "scontrol: fatal: Could not establish a configuration source" >&2; exit 1')
+    assert slurm.kill_wait() is None
+    assert slurm.controller_problem() == "scontrol ping: scontrol: fatal: Could not establish a configuration source"

@@ -179,7 +179,7 @@ from vlm_hpc.run.pins import PinnedSettings
 config = load_config(sys.argv[1])
 pins = PinnedSettings(**json.loads(sys.argv[2]))
 ensure_manifest(OutputLayout(Path(config.output.dir)), open_reader(config.data), config, 8, pins,
-                slice_index=int(sys.argv[3]), accept_changes=True)
+                slice_id=int(sys.argv[3]), accept_changes=True)
 """
 
 

@@ -208,6 +208,12 @@ def test_kill_file_stops_the_slice(golden_model_dir: Path, tmp_path: Path) -> No
     (output / "kill0.txt").touch()
     assert process.wait(timeout=60) == 0
     assert slice_state(output)["stop_reason"] == "kill_file"
+    # Obeyed once: renamed with the time, so the same command resumes instead of stopping again at once.
+    assert not (output / "kill0.txt").exists() and "obeyed " in (output / "kill0.done").read_text()
+    log = (output / "logs" / "slice_00000.log").read_text()
+    assert "stop requested (kill_file)" in log and "kill file obeyed: kill0.txt renamed to kill0.done" in log
+    rerun = start_worker(config)
+    assert rerun.wait(timeout=300) == 0 and slice_state(output)["status"] == "done"
 
 
 def test_second_worker_on_the_same_slice_refuses(golden_model_dir: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import pytest
 
 from builders import slow_dataset, wait_for, write_config
 from golden import GOLDEN
+from vlm_hpc.cluster.slurm import KILLED_STATES
 from vlm_hpc.config import load_config
 from vlm_hpc.run.slice_run import run_slice
 from vlm_hpc.status import collect
@@ -109,6 +111,8 @@ def test_scancel_stops_one_slice_gracefully_and_resubmitting_finishes_only_it(sl
                           slurm={"cpus_per_task": 1, "mem_gb": None, "time_min": 20})
     result = submit(config, "0-3")
     assert result.returncode == 0, result.stderr
+    # KillWait is 5 s on the test cluster: a grace of 3 s would leave too little to commit before the SIGKILL.
+    assert "worker.grace_seconds: 3 s lowered to 2 s for this submission" in result.stdout, result.stdout
     job = re.search(r"job (\d+)", result.stdout).group(1)
     checkpoint = output / "state" / "slice_00002.json"
     wait_for(lambda: checkpoint.exists() and json.loads(checkpoint.read_text())["done"], 300, "slice 2 to commit")
@@ -119,6 +123,7 @@ def test_scancel_stops_one_slice_gracefully_and_resubmitting_finishes_only_it(sl
     assert time.monotonic() - cancelled < 5  # before KillWait (5 s on the test cluster)
     state = json.loads(checkpoint.read_text())
     assert state["status"] == "stopped" and state["stop_reason"] == "sigterm"
+    assert "stop requested (sigterm): the batch in flight gets 2 s" in (output / "logs" / "slice_00002.log").read_text()
     assert 0 < sum(b - a for a, b in state["done"]) < 12
     wait_until_done(output, [0, 1, 3], 600)
     time.sleep(8)  # past the scheduler's requeue latency: a requeued task would be back by now
@@ -127,9 +132,49 @@ def test_scancel_stops_one_slice_gracefully_and_resubmitting_finishes_only_it(sl
     assert states(output)[2] == "stopped"
     again = submit(config, "0-3")
     assert again.returncode == 0, again.stderr
-    assert "submitted slices 2 of 4" in again.stdout and again.stdout.count("skip slice") == 3
+    assert "submitted slice 2 (of 4)" in again.stdout and again.stdout.count("skip slice") == 3
     wait_until_done(output, [2], 600)
     assert verify(output).ok
+
+
+def test_a_task_killed_without_a_stop_record_is_killed_in_status_at_once(slurm: Path, golden_model_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", golden_model_dir, slow_dataset(tmp_path / "data", 40), output,
+                          generation={"batch_size": 2}, slurm={"cpus_per_task": 1, "mem_gb": None, "time_min": 20})
+    result = submit(config, "0-1")
+    assert result.returncode == 0, result.stderr
+    job = re.search(r"job (\d+)", result.stdout).group(1)
+    checkpoint = output / "state" / "slice_00001.json"
+    wait_for(lambda: checkpoint.exists() and json.loads(checkpoint.read_text())["done"], 300, "slice 1 to commit")
+    # The worker SIGKILLed mid-batch, as KillWait's SIGKILL or the OOM killer does: it records nothing.
+    os.kill(json.loads((output / "state" / "slice_00001.lease").read_text())["pid"], signal.SIGKILL)
+    # COMPLETING: Slurm is still ending it (a graceful stop looks the same then); status says "running" until
+    wait_for(lambda: not re.search("RUNNING|COMPLETING", squeue_all(f"{job}_1")), 60, "Slurm to end the task")
+    found = {s.slice: s for s in collect(output)[0]}[1]  # one look, long before the heartbeat is stale
+    assert found.state == "killed" and json.loads(checkpoint.read_text())["status"] == "running"
+    assert found.reason.startswith(f"Slurm {found.slurm}; last log line: ") and found.slurm in KILLED_STATES
+    shown = subprocess.run([sys.executable, "-m", "vlm_hpc.status", str(output)], capture_output=True, text=True)
+    assert "killed" in shown.stdout and "--array 1" in shown.stdout.split("resubmit what is incomplete: ")[1]
+    subprocess.run(["scancel", job])
+
+
+def test_an_sbatch_refusal_is_one_line_and_fixes_nothing_of_the_run(slurm: Path, golden_model_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", golden_model_dir, GOLDEN / "dataset", output,
+                          slurm={"cpus_per_task": 1, "time_min": 10})
+    refused = submit(config, "0-7", "slurm.mem_gb=100000")
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: sbatch refused the array: sbatch: error: "), refused.stderr
+    assert "slurm.mem_gb=100000" in lines[0] and "slurm.cpus_per_task=1" in lines[0]
+    assert not (output / "manifest.json").exists() and not list(output.rglob("*.pkl"))
+    # Fixed, the same folder takes another slicing: nothing of the refused submission was kept.
+    accepted = submit(config, "0-3", "slurm.mem_gb=null")
+    assert accepted.returncode == 0, accepted.stderr
+    wait_until_done(output, range(4), 300)
+    assert json.loads((output / "manifest.json").read_text())["num_slices"] == 4
 
 
 def test_time_limit_commits_requeues_the_same_index_and_completes(slurm: Path, golden_model_dir: Path,

@@ -1,36 +1,45 @@
 """`python -m vlm_hpc.status OUTPUT [--json] [--watch [SECONDS]]`: where every slice of a run stands.
 
-Per slice: state (pending, running, stalled, stopped, requeued, done, crashed), rows done/total, failed
-rows, rate, ETA and heartbeat age; then totals and the `--array` that resubmits what is incomplete. Slurm is
-asked once per call (one squeue), never per task.
+Per slice: state (see `SliceState`), rows done/total, failed rows, rate, ETA and heartbeat age; then one line
+over the whole run (rows, images/s, ETA), kill files still waiting, and the submit command that resubmits what
+is incomplete. Slurm is asked once per call (one squeue), never per task.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.array_spec import format_indices
 from vlm_hpc.errors import VlmHpcError, print_error
-from vlm_hpc.run.checkpoint import CorruptCheckpoint, SliceCheckpoint
+from vlm_hpc.run.checkpoint import CheckpointStatus, CorruptCheckpoint, SliceCheckpoint
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import heartbeat_age, read_lease
 from vlm_hpc.run.manifest import load_manifest
 from vlm_hpc.run.repair import repair_command
 from vlm_hpc.run.slicing import slice_bounds
+from vlm_hpc.run.submissions import SubmitCommand, read_submissions
 
 STALLED_AFTER_S = 300  # a running slice whose lease heartbeat is older than this is flagged
+
+# A checkpoint's status, or what status finds on top: "stalled" (running, heartbeat old), "killed" (Slurm ended
+# the task and no stop was recorded), "corrupt" (the checkpoint is damaged).
+SliceState = Literal[CheckpointStatus, "stalled", "killed", "corrupt"]
+# States in which a slice will not move again by itself: `--watch` ends when every slice is in one.
+SETTLED: tuple[SliceState, ...] = ("done", "crashed", "killed", "stopped", "corrupt")
 
 
 @dataclass
 class SliceStatus:
     slice: int
-    state: str
+    state: SliceState
     rows_done: int
     rows_total: int
     failed_rows: int
@@ -39,20 +48,6 @@ class SliceStatus:
     heartbeat_age_s: float | None
     slurm: str | None  # the Slurm state of its latest array task, when it has one
     reason: str | None
-
-
-def _latest_jobs(layout: OutputLayout) -> dict[int, str]:
-    jobs: dict[int, str] = {}
-    path = layout.submissions_file
-    if path.exists():
-        for line in path.read_bytes().decode(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-                if record.get("cluster") == "slurm":
-                    jobs.update({int(k): str(v) for k, v in record["jobs"].items()})
-            except (ValueError, AttributeError, TypeError):
-                continue  # a torn or foreign line: the Slurm states of its jobs are simply not shown
-    return jobs
 
 
 def _crash_in_log(path: Path) -> str | None:
@@ -68,6 +63,17 @@ def _crash_in_log(path: Path) -> str | None:
     return crashes[-1].strip() if crashes else None
 
 
+def _last_log_line(path: Path) -> str | None:
+    """The last line of a slice log, without its time stamp."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, 2) - 4096))
+            lines = handle.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return None
+    return lines[-1].split(" | ", 1)[-1][:300] if lines else None
+
+
 def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
     """Status of every slice of the run in `output`, and the number of rows."""
     layout = OutputLayout(Path(output))
@@ -75,14 +81,14 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
         raise VlmHpcError(f"status: {layout.manifest_file} is missing; no run has started in {output}")
     manifest = load_manifest(layout.manifest_file)
     count, num_rows = manifest.num_slices, manifest.num_rows
-    jobs = _latest_jobs(layout)
-    slurm_states = slurm.task_states(set(jobs.values()))
+    slurm_states = read_submissions(layout).slurm_states()
     now = time.time()
     statuses = []
     for slice_id in range(count):
         start, stop = slice_bounds(num_rows, slice_id, count)
         total = stop - start
-        slurm_state = slurm_states.get(jobs.get(slice_id, ""))
+        slurm_state = slurm_states.get(slice_id)
+        killed = slurm_state in slurm.KILLED_STATES
         try:
             state = SliceCheckpoint.load(layout.checkpoint_file(slice_id))
         except CorruptCheckpoint as exc:
@@ -92,11 +98,17 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
         lease = read_lease(layout.lease_file(slice_id))
         heartbeat = heartbeat_age(lease)
         if state is None:
-            statuses.append(SliceStatus(slice_id, "running" if slurm_state == "RUNNING" else "pending", 0, total, 0,
-                                        None, None, heartbeat, slurm_state, None))
+            name = "killed" if killed else "running" if slurm_state == "RUNNING" else "pending"
+            reason = f"Slurm {slurm_state} before the slice started" if killed else None
+            statuses.append(SliceStatus(slice_id, name, 0, total, 0, None, None, heartbeat, slurm_state, reason))
             continue
         name, reason = state.status, state.stop_reason
-        if name == "running" and (lease is None or lease.get("released")):
+        if name == "running" and killed:
+            # Slurm ended the task (SIGKILL after KillWait, a node failure, the OOM killer) before it could
+            # record a stop: say so now, not once the heartbeat is stale.
+            last = _last_log_line(layout.log_file(slice_id))
+            name, reason = "killed", f"Slurm {slurm_state}" + (f"; last log line: {last}" if last else "")
+        elif name == "running" and (lease is None or lease.get("released")):
             # The worker ended without recording why (its index could not be written): its log may say.
             name, reason = "crashed", _crash_in_log(layout.log_file(slice_id)) or "ended without recording why"
         elif name == "running" and (heartbeat is None or heartbeat > STALLED_AFTER_S):
@@ -106,32 +118,51 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
         elapsed = (state.updated_at or now) - (state.started_at or now)
         done_this_attempt = state.finished_rows - state.rows_at_start
         rate = done_this_attempt / elapsed if elapsed > 0 and done_this_attempt > 0 else None
-        eta = (state.total - state.finished_rows) / rate if rate and name not in ("done",) else None
+        eta = (state.total - state.finished_rows) / rate if rate and name == "running" else None
         statuses.append(SliceStatus(slice_id, name, state.finished_rows, state.total, state.failures, rate, eta,
                                     heartbeat, slurm_state, reason))
     return statuses, num_rows
 
 
-def render(statuses: list[SliceStatus], num_rows: int) -> str:
+def _clock(seconds: float) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def overall_line(statuses: list[SliceStatus], num_rows: int) -> str:
+    """One line over the whole run: rows done, failed, images/s of the running slices, ETA, slices by state."""
+    done_rows = sum(s.rows_done for s in statuses)
+    rate = sum(s.rate for s in statuses if s.state == "running" and s.rate)
+    left = num_rows - done_rows
+    counts: dict[str, int] = {}
+    for s in statuses:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    speed = f", {rate:.2f} images/s, ETA {_clock(left / rate)}" if rate and left > 0 else ""
+    return (f"{done_rows}/{num_rows} rows ({100 * done_rows / max(num_rows, 1):.1f}%), "
+            f"{sum(s.failed_rows for s in statuses)} failed{speed}; slices: "
+            + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+
+
+def render(statuses: list[SliceStatus], num_rows: int, layout: OutputLayout | None = None,
+           command: SubmitCommand | None = None) -> str:
     lines = [f"{'slice':>5} {'state':<9} {'rows':>15} {'failed':>6} {'rows/s':>7} {'ETA':>9} {'heartbeat':>9}  slurm"]
     for s in statuses:
-        eta = time.strftime("%H:%M:%S", time.gmtime(s.eta_s)) if s.eta_s is not None else "-"
+        eta = _clock(s.eta_s) if s.eta_s is not None else "-"
         beat = f"{s.heartbeat_age_s:.0f}s" if s.heartbeat_age_s is not None else "-"
         rate = f"{s.rate:.2f}" if s.rate is not None else "-"
         note = f"  ({s.reason})" if s.reason and s.state not in ("done", "running") else ""
         lines.append(f"{s.slice:>5} {s.state:<9} {f'{s.rows_done}/{s.rows_total}':>15} {s.failed_rows:>6} "
                      f"{rate:>7} {eta:>9} {beat:>9}  {s.slurm or '-'}{note}")
-    counts: dict[str, int] = {}
-    for s in statuses:
-        counts[s.state] = counts.get(s.state, 0) + 1
-    done_rows = sum(s.rows_done for s in statuses)
-    lines.append(f"total: {done_rows}/{num_rows} rows ({100 * done_rows / max(num_rows, 1):.1f}%), "
-                 f"{sum(s.failed_rows for s in statuses)} failed; slices: "
-                 + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    lines.append(f"total: {overall_line(statuses, num_rows)}")
+    if layout is not None:
+        for kill in layout.waiting_kill_files(s.slice for s in statuses if s.state != "done"):
+            lines.append(f"waiting kill file: {kill} (stops its slice at the next batch or start; rm it to let "
+                         "the slice run)")
     incomplete = resubmit_indices(statuses)
     if incomplete:
-        lines.append("resubmit what is incomplete: python -m vlm_hpc.submit --config ... "
-                     f"--array {format_indices(incomplete)}")
+        spec = format_indices(incomplete)
+        hint = command.line(spec) if command else f"python -m vlm_hpc.submit --config CONFIG --array {spec}"
+        lines.append(f"resubmit what is incomplete: {hint}")
     return "\n".join(lines)
 
 
@@ -146,17 +177,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--watch", nargs="?", type=float, const=10.0, default=None, metavar="SECONDS")
     args = parser.parse_args(argv)
+    layout = OutputLayout(Path(args.output))
     while True:
         try:
             statuses, num_rows = collect(args.output)
         except VlmHpcError as exc:
             return print_error(exc)
+        command = read_submissions(layout).command
         if args.json:
             print(json.dumps({"slices": [asdict(s) for s in statuses], "num_rows": num_rows,
-                              "resubmit": format_indices(resubmit_indices(statuses))}))
+                              "resubmit": format_indices(resubmit_indices(statuses)),
+                              "overall": overall_line(statuses, num_rows)}))
         else:
-            print(render(statuses, num_rows), flush=True)
+            print(render(statuses, num_rows, layout, command), flush=True)
         if args.watch is None:
+            return 0
+        if all(s.state in SETTLED for s in statuses):
+            settled = "every slice is done" if all(s.state == "done" for s in statuses) else "no slice is running"
+            print(f"\n{settled}: {overall_line(statuses, num_rows)}; check it: python -m vlm_hpc.verify "
+                  f"{shlex.quote(str(layout.root))}")
             return 0
         time.sleep(args.watch)
         print()

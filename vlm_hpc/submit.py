@@ -9,11 +9,15 @@ Without Slurm (no sbatch on PATH) the same array runs on submitit's local execut
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import shlex
 import shutil
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import submitit
@@ -31,6 +35,7 @@ from vlm_hpc.run.manifest import ensure_manifest, load_manifest
 from vlm_hpc.run.repair import repair_command
 from vlm_hpc.run.slice_run import check_inputs, run_slice
 from vlm_hpc.run.stop import StopRequest, resend_time_limit_warning
+from vlm_hpc.run.submissions import SubmitCommand, command_of, record_submission
 
 
 class SliceJob(submitit.helpers.Checkpointable):
@@ -93,11 +98,49 @@ class SliceArrayExecutor(submitit.SlurmExecutor):
         extra = dict(array.parameters.get("additional_parameters") or {})
         extra["array"] = format_indices(self.task_ids) + (f"%{self.throttle}" if self.throttle else "")
         array.parameters["additional_parameters"] = extra
-        first = array._submit_command(self._submitit_command_str)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's refusal; ours is one line
+                first = array._submit_command(self._submitit_command_str)
+        except Exception:
+            for path in pickles:  # a refused array leaves nothing of itself behind
+                path.unlink(missing_ok=True)
+            _remove_empty_folders(folder, stop_at=self.folder.parent)
+            raise
         jobs = [SlurmJob(folder=self.folder, job_id=f"{first.job_id}_{task}", tasks=[0]) for task in self.task_ids]
         for job, path in zip(jobs, pickles):
             job.paths.move_temporary_file(path, "submitted_pickle")
         return jobs
+
+
+def _remove_empty_folders(folder: Path, stop_at: Path) -> None:
+    """Remove `folder` and its parents up to (not including) `stop_at` while they are empty."""
+    while folder != stop_at and folder.is_relative_to(stop_at):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
+
+
+def slurm_settings(config: RunConfig) -> str:
+    """The slurm section as key=value overrides (what sbatch was asked for), for messages."""
+    return " ".join(f"slurm.{name}={value if not isinstance(value, dict) else json.dumps(value)}"
+                    for name, value in vars(config.slurm).items() if value not in (None, {}))
+
+
+def _grace_under_kill_wait(config: RunConfig) -> RunConfig:
+    """Slurm SIGKILLs a task KillWait seconds after its SIGTERM: the worker's grace (and its commit) must end
+    before that, or a scancel loses the stop record and the batch in flight."""
+    kill_wait = slurm.kill_wait()
+    grace = config.worker.grace_seconds
+    if kill_wait is None:
+        return config
+    safe = max(1.0, kill_wait - max(3.0, 0.25 * kill_wait))
+    if grace <= safe:
+        return config
+    print(f"worker.grace_seconds: {grace:g} s lowered to {safe:g} s for this submission: the cluster's KillWait is "
+          f"{kill_wait} s (Slurm kills a task that long after its SIGTERM), and the worker needs the rest to commit")
+    return replace(config, worker=replace(config.worker, grace_seconds=safe))
 
 
 def _slurm_executor(config: RunConfig, folder: Path) -> SliceArrayExecutor:
@@ -143,7 +186,7 @@ def _set_aside_previous_run(layout: OutputLayout) -> None:
 def _refuse_changes_while_running(layout: OutputLayout, rows, config: RunConfig, count: int, pins) -> None:
     """Accepting new settings while slices run would let them go on with the old ones past the boundary."""
     try:
-        ensure_manifest(layout, rows, config, count, pins)
+        ensure_manifest(layout, rows, config, count, pins, write=False)
         return  # nothing to accept
     except VlmHpcError:
         pass
@@ -156,9 +199,10 @@ def _refuse_changes_while_running(layout: OutputLayout, rows, config: RunConfig,
 
 
 def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: str, force: bool = False,
-           accept_changes: bool = False) -> list:
+           accept_changes: bool = False, command: SubmitCommand | None = None) -> list:
     """Validate, then submit the incomplete slices of `spec`; returns the submitit jobs. `accept_changes`
-    accepts settings that differ from those pinned in the manifest (here and in every array task)."""
+    accepts settings that differ from those pinned in the manifest (here and in every array task). Nothing of
+    the run is written before the cluster accepts the array (a --force set-aside excepted)."""
     layout = OutputLayout(Path(config.output.dir))
     manifest_path = layout.manifest_file
     previous = load_manifest(manifest_path).num_slices if manifest_path.exists() else None
@@ -171,46 +215,113 @@ def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: 
         _refuse_changes_while_running(layout, rows, config, count, pins)
     if force and previous is not None:
         try:
-            ensure_manifest(layout, rows, config, count, pins, accept_changes=accept_changes)
+            ensure_manifest(layout, rows, config, count, pins, accept_changes=accept_changes, write=False)
         except VlmHpcError:
             _set_aside_previous_run(layout)
-    for note in ensure_manifest(layout, rows, config, count, pins, accept_changes=accept_changes).notes:
-        print(f"manifest: {note}")
+    check = ensure_manifest(layout, rows, config, count, pins, accept_changes=accept_changes, write=False)
     todo, skipped = _pending_slices(layout, spec, config.worker.stale_lease_seconds)
     for line in skipped:
         print(f"skip {line}")
+    for kill in layout.waiting_kill_files(todo):
+        print(f"note: {kill} is waiting: that slice stops as soon as it starts; to let it run: rm {kill}")
     if not todo:
         print(f"nothing to submit: every slice of --array {spec} is complete or running in {layout.root}")
         return []
     folder = layout.submitit_dir
-    job = SliceJob(config, count, accept_changes)
     jobs: list = []
     if cluster == "slurm":
-        for offset, tasks in split_for_max_array_size(tuple(todo), slurm.max_array_size()):
-            executor = _slurm_executor(config, folder)
-            executor.task_ids, executor.throttle = tasks, spec.throttle
-            jobs += executor.map_array(job, [offset + task for task in tasks])
+        config = _grace_under_kill_wait(config)
+        job = SliceJob(config, count, accept_changes)
+        try:
+            for offset, tasks in split_for_max_array_size(tuple(todo), slurm.max_array_size()):
+                executor = _slurm_executor(config, folder)
+                executor.task_ids, executor.throttle = tasks, spec.throttle
+                jobs += executor.map_array(job, [offset + task for task in tasks])
+        except submitit_utils.FailedJobError as exc:
+            if jobs:  # an earlier array of a split submission went in: say which, so nothing runs unseen
+                _record_submission(layout, cluster, spec, count, todo[:len(jobs)], jobs, command)
+            said = " ".join(line.strip() for line in str(exc).splitlines() if "sbatch:" in line) or str(exc)
+            raise VlmHpcError(f"sbatch refused the array: {said[:300]} (asked with: {slurm_settings(config)}); "
+                              "change those settings (config or key=value) and submit again"
+                              + (f"; slices {format_indices(todo[:len(jobs)])} were submitted" if jobs else "")
+                              ) from None
     else:
+        job = SliceJob(config, count, accept_changes)
         executor = (submitit.LocalExecutor if cluster == "local" else submitit.DebugExecutor)(folder=folder)
         if cluster == "local":
             executor.update_parameters(timeout_min=config.slurm.time_min)
         jobs = executor.map_array(job, todo)
-    record = {"time": time.time(), "cluster": cluster, "array": str(spec), "num_slices": count,
-              "jobs": {str(slice_id): str(j.job_id) for slice_id, j in zip(todo, jobs)}}
-    with open(layout.submissions_file, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    for note in ensure_manifest(layout, rows, config, count, pins, accept_changes=accept_changes,
+                                planned=None if previous is not None else check.manifest).notes:
+        print(f"manifest: {note}")
+    _record_submission(layout, cluster, spec, count, todo, jobs, command)
     array_ids = sorted({slurm.array_job_of(str(j.job_id)) for j in jobs})
-    print(f"submitted slices {format_indices(todo)} of {count} on {cluster}: job {', '.join(array_ids)}")
+    slices = f"slice {todo[0]}" if len(todo) == 1 else f"slices {format_indices(todo)}"
+    print(f"submitted {slices} (of {count}) on {cluster}: job {', '.join(array_ids)}")
     print(f"output: {layout.root}")
-    print(f"watch:  python -m vlm_hpc.status {layout.root}" +
+    print(f"watch:  python -m vlm_hpc.status {shlex.quote(str(layout.root))}" +
           (f"   |   squeue -j {','.join(array_ids)}" if cluster == "slurm" else ""))
     print(f"logs:   {layout.logs_dir}/slice_NNNNN.log")
+    again = command.line() if command else "the same submit command"
     if cluster == "slurm":
         print(f"stop:   scancel {array_ids[0]}_N (slice N) or scancel {' '.join(array_ids)}; "
-              "run the same submit command again to resume")
+              f"resume: {again}")
     else:
-        print(f"stop:   touch {layout.root}/killN.txt (slice N); run the same command again to resume")
+        print(f"stop:   touch {layout.root}/killN.txt (slice N); resume: {again}")
     return jobs
+
+
+def _record_submission(layout: OutputLayout, cluster: str, spec: ArraySpec, count: int, todo: list[int],
+                       jobs: list, command: SubmitCommand | None) -> None:
+    """One line in submissions.jsonl: status maps slices to their Slurm tasks and prints the resubmit command."""
+    record_submission(layout, {"cluster": cluster, "array": str(spec), "num_slices": count,
+                               "jobs": {str(slice_id): str(j.job_id) for slice_id, j in zip(todo, jobs)},
+                               "command": command.to_dict() if command else None})
+
+
+def _choose_cluster(asked: str | None, retry_locally: str) -> str:
+    """--cluster as given; by default slurm where a controller answers, local where there is no sbatch."""
+    if asked in ("local", "debug"):
+        return asked
+    if asked is None and not shutil.which("sbatch"):
+        return "local"
+    problem = slurm.controller_problem()
+    if problem:
+        raise VlmHpcError(f"no Slurm controller answers here ({problem}); check SLURM_CONF and the controller, or "
+                          f"run the array on this machine: {retry_locally}")
+    return "slurm"
+
+
+def wait_for_jobs(jobs: list, output: Path, started: float, every_s: float = 10.0) -> int:
+    """Print a progress line over the whole run until every job has ended, then each slice's outcome and a
+    closing summary; the exit code: 0 when every job finished, 1 otherwise."""
+    from vlm_hpc.status import collect, overall_line  # status imports submit's siblings, not submit
+
+    last = 0.0
+    while not all(job.done() for job in jobs):
+        if time.monotonic() - last >= every_s:
+            last = time.monotonic()
+            try:
+                statuses, num_rows = collect(output)
+                print(f"progress: {overall_line(statuses, num_rows)}", flush=True)
+            except VlmHpcError as exc:
+                print(f"progress: not readable yet ({exc})", flush=True)
+        time.sleep(0.5)
+    failed = 0
+    for job in jobs:
+        try:
+            summary = job.result()
+            print(f"slice {summary['slice']}: {summary['status']}, {summary['captions']} captioned, "
+                  f"{summary['failures']} failed")
+        except Exception as exc:  # a task that was stopped, cancelled or crashed
+            failed += 1
+            print(f"job {job.job_id}: not finished ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+    statuses, num_rows = collect(output)
+    elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - started))
+    print(f"finished in {elapsed}: {overall_line(statuses, num_rows)}")
+    print(f"output: {output}")
+    print(f"check it: python -m vlm_hpc.verify {shlex.quote(str(output))}")
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,24 +338,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", action="store_true", help="wait for the jobs and report")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    cluster = args.cluster or ("slurm" if shutil.which("sbatch") else "local")
+    started = time.time()
+    command = command_of(args.config, args.overrides, args.num_slices, args.cluster)
     try:
+        local = replace(command, cluster="local").line(args.array)
+        cluster = _choose_cluster(args.cluster, local)
         config = load_config(args.config, args.overrides)
-        jobs = submit(config, parse_array(args.array), args.num_slices, cluster, args.force, args.accept_changes)
+        jobs = submit(config, parse_array(args.array), args.num_slices, cluster, args.force, args.accept_changes,
+                      command)
     except VlmHpcError as exc:
         return print_error(exc)
     if not args.wait or not jobs:
         return 0
-    failed = 0
-    for job in jobs:
-        try:
-            summary = job.result()
-            print(f"slice {summary['slice']}: {summary['status']}, {summary['captions']} captions, "
-                  f"{summary['failures']} failures")
-        except Exception as exc:  # a task that was stopped, cancelled or crashed
-            failed += 1
-            print(f"job {job.job_id}: not finished ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
-    return 1 if failed else 0
+    return wait_for_jobs(jobs, Path(config.output.dir), started)
 
 
 if __name__ == "__main__":

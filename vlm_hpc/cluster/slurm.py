@@ -15,6 +15,9 @@ DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's own default, assumed when the cluster's
 
 # States in which Slurm still runs, or will run, a task: its lease holder may be alive.
 _LIVE_STATES = ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING", "SUSPENDED")
+# States of a task Slurm ended against its will: a worker that recorded no stop was killed.
+KILLED_STATES = ("CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+                 "DEADLINE")
 
 
 def task_id(job_id: str | None, array_job_id: str | None, array_task_id: str | None) -> str | None:
@@ -44,11 +47,16 @@ def task_alive(task: str) -> bool:
 
 def task_states(tasks: set[str]) -> dict[str, str]:
     """One squeue call for all the array jobs of `tasks`: {"A_t": STATE}; {} when Slurm cannot be asked."""
-    if not tasks or not shutil.which("squeue"):
+    return array_task_states({array_job_of(task) for task in tasks})
+
+
+def array_task_states(arrays: set[str]) -> dict[str, str]:
+    """One squeue call for every task of `arrays` (pending ones one by one): {"A_t": STATE}; {} when Slurm
+    cannot be asked."""
+    if not arrays or not shutil.which("squeue"):
         return {}
-    arrays = sorted({array_job_of(task) for task in tasks})
     try:
-        result = subprocess.run(["squeue", "-h", "-r", "--states=all", "-j", ",".join(arrays), "-o", "%i|%T"],
+        result = subprocess.run(["squeue", "-h", "-r", "--states=all", "-j", ",".join(sorted(arrays)), "-o", "%i|%T"],
                                 capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return {}
@@ -59,14 +67,40 @@ def task_states(tasks: set[str]) -> dict[str, str]:
     return states
 
 
-def max_array_size() -> int:
-    """The cluster's MaxArraySize (largest array index + 1); Slurm's default 1001 when it cannot be read."""
+def _config_value(name: str) -> str | None:
+    """One value of `scontrol show config`; None when it cannot be read."""
     try:
         result = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
-        match = re.search(r"^MaxArraySize\s*=\s*(\d+)", result.stdout, re.MULTILINE)
-        return int(match.group(1)) if match else DEFAULT_MAX_ARRAY_SIZE
     except (OSError, subprocess.TimeoutExpired):
-        return DEFAULT_MAX_ARRAY_SIZE
+        return None
+    match = re.search(rf"^{name}\s*=\s*(\S+)", result.stdout, re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (largest array index + 1); Slurm's default 1001 when it cannot be read."""
+    value = _config_value("MaxArraySize")
+    return int(value) if value and value.isdigit() else DEFAULT_MAX_ARRAY_SIZE
+
+
+def kill_wait() -> int | None:
+    """The cluster's KillWait: seconds between a task's SIGTERM and its SIGKILL; None when it cannot be read."""
+    value = _config_value("KillWait")
+    return int(value) if value and value.isdigit() else None
+
+
+def controller_problem() -> str | None:
+    """Why no Slurm controller answers here (`scontrol ping`), None when one does."""
+    try:
+        result = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        return "scontrol is not on PATH"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"scontrol ping: {exc}"
+    if result.returncode == 0 and " is UP" in result.stdout:
+        return None
+    said = (result.stderr.strip() or result.stdout.strip() or f"exit code {result.returncode}").splitlines()
+    return f"scontrol ping: {said[0] if said else ''}"
 
 
 def requeue(task: str | None) -> str:

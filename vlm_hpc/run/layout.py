@@ -6,6 +6,7 @@
     OUTPUT/queries/query.txt       the prompt
     OUTPUT/end{I}.txt              completion marker of slice I (the seed's), with a timestamp
     OUTPUT/kill{I}.txt             touch it to stop slice I gracefully (the seed's kill file)
+    OUTPUT/kill{I}.done            a kill file once obeyed (renamed, with the time), so a resubmission runs
     OUTPUT/state/slice_{I}.json    checkpoint index; state/slice_{I}.lease: who runs it (+ .lease.lock)
     OUTPUT/state/slice_{I}.reserve 64 KiB kept free for recording a crash on a full disk
     OUTPUT/state/.write_probe      written and removed by the start-up check that the folder is writable
@@ -28,6 +29,7 @@ longer than 200 bytes are split into nested folders. Nothing can land outside OU
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -91,6 +93,13 @@ class OutputLayout:
 
     def kill_file(self, slice_id: int) -> Path:
         return self.root / f"kill{slice_id}.txt"
+
+    def obeyed_kill_file(self, slice_id: int) -> Path:
+        return self.root / f"kill{slice_id}.done"
+
+    def waiting_kill_files(self, slice_ids: Iterable[int]) -> list[Path]:
+        """The kill files of `slice_ids` that no worker has obeyed yet."""
+        return [path for path in map(self.kill_file, slice_ids) if path.exists()]
 
     @property
     def state_dir(self) -> Path:

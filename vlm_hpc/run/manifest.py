@@ -126,13 +126,17 @@ def _check_same_run(layout: OutputLayout, existing: RunManifest, rows: RowReader
     if existing.dataset_fingerprint != rows.fingerprint() or existing.num_rows != rows.num_rows:
         problems.append(f"the dataset differs ({existing.data_path}, {existing.num_rows} rows then; "
                         f"{config.data.path}, {rows.num_rows} rows now)")
-    if existing.num_slices != num_slices:
-        problems.append(f"it was cut into {existing.num_slices} slices, not {num_slices}")
     if existing.output_format != config.output.format:
         problems.append(f"its output.format is {existing.output_format}, not {config.output.format}")
+    if existing.num_slices != num_slices and not problems:  # the same run, asked with another slice count
+        raise VlmHpcError(f"{layout.root} was cut into {existing.num_slices} slices, not {num_slices}: pass "
+                          f"--num-slices {existing.num_slices} (the sbatch template: set "
+                          f"VLM_HPC_NUM_SLICES={existing.num_slices})")
+    if existing.num_slices != num_slices:
+        problems.append(f"it was cut into {existing.num_slices} slices, not {num_slices}")
     if problems:
-        raise VlmHpcError(f"{layout.root} belongs to another run: {'; '.join(problems)}; use a new output.dir, "
-                          f"or pass --force to start over in this one")
+        raise VlmHpcError(f"{layout.root} belongs to another run: {'; '.join(problems)}; use a new output.dir "
+                          "(output.dir=NEW_FOLDER), or start over in this one with vlm_hpc.submit's --force")
 
 
 def _check_slice_rows(layout: OutputLayout, existing: RunManifest, slice_id: int, fingerprint: str,
@@ -192,14 +196,18 @@ def _update(layout: OutputLayout, rows: RowReader, config: RunConfig, num_slices
                           f"process is updating the manifest, delete it: rm {layout.manifest_lock}") from None
 
 
-def _create(layout: OutputLayout, rows: RowReader, config: RunConfig, num_slices: int,
-            pins: PinnedSettings) -> RunManifest | None:
-    """Write the manifest if there is none; None when another start wrote it first."""
+def planned_manifest(layout: OutputLayout, rows: RowReader, config: RunConfig, num_slices: int,
+                     pins: PinnedSettings) -> RunManifest:
+    """The manifest a first start would write (one pass over the keys), written nowhere yet."""
     duplicates, fingerprints = scan_dataset(rows, num_slices)
-    manifest = RunManifest(dataset_fingerprint=rows.fingerprint(), data_path=config.data.path,
-                           num_rows=rows.num_rows, num_slices=num_slices, output_format=config.output.format,
-                           data=asdict(config.data), duplicate_rows=duplicates, slice_fingerprints=fingerprints,
-                           pinned=pins.to_dict())
+    return RunManifest(dataset_fingerprint=rows.fingerprint(), data_path=config.data.path,
+                       num_rows=rows.num_rows, num_slices=num_slices, output_format=config.output.format,
+                       data=asdict(config.data), duplicate_rows=duplicates, slice_fingerprints=fingerprints,
+                       pinned=pins.to_dict())
+
+
+def _create(layout: OutputLayout, manifest: RunManifest) -> RunManifest | None:
+    """Write the manifest if there is none; None when another start wrote it first."""
     layout.root.mkdir(parents=True, exist_ok=True)
     temporary = layout.manifest_temporary(os.getpid())
     temporary.write_text(json.dumps(asdict(manifest), indent=1))
@@ -214,13 +222,19 @@ def _create(layout: OutputLayout, rows: RowReader, config: RunConfig, num_slices
 
 
 def ensure_manifest(layout: OutputLayout, rows: RowReader, config: RunConfig, num_slices: int,
-                    pins: PinnedSettings, slice_id: int | None = None,
-                    accept_changes: bool = False) -> ManifestCheck:
+                    pins: PinnedSettings, slice_id: int | None = None, accept_changes: bool = False,
+                    write: bool = True, planned: RunManifest | None = None) -> ManifestCheck:
     """Create the manifest on first use, else check that this start agrees with it: the same run (dataset,
     slicing, output format: always refused otherwise), the same rows in slice `slice_id` (a worker; a submission
-    passes None), the same pinned settings (refused otherwise unless `accept_changes`)."""
+    passes None), the same pinned settings (refused otherwise unless `accept_changes`).
+
+    `write=False` checks all of that and writes nothing (a submission, before sbatch has accepted the array);
+    `planned` is the manifest such a check planned, written now without reading the keys again."""
     if not layout.manifest_file.exists():
-        created = _create(layout, rows, config, num_slices, pins)
+        fresh = planned or planned_manifest(layout, rows, config, num_slices, pins)
+        if not write:
+            return ManifestCheck(fresh, [], [])
+        created = _create(layout, fresh)
         if created is not None:
             return ManifestCheck(created, [], [])
     existing = _load(layout)
@@ -233,6 +247,8 @@ def ensure_manifest(layout: OutputLayout, rows: RowReader, config: RunConfig, nu
     comparison = compare_pins(existing.pinned, pins)
     if comparison.changed and not accept_changes:
         raise _refuse_changes(layout, comparison.changed)
+    if not write:
+        return ManifestCheck(existing, comparison.changed, [])
     if comparison.changed or comparison.not_pinned or (
             fingerprint is not None and str(slice_id) not in existing.slice_fingerprints):
         return _update(layout, rows, config, num_slices, pins, slice_id, fingerprint, accept_changes)

@@ -42,6 +42,7 @@ from vlm_hpc.run.readers import RowReader, open_reader
 from vlm_hpc.run.repair import repair_on_resume, resume_checkpoint
 from vlm_hpc.run.slicing import slice_bounds
 from vlm_hpc.run.stop import BatchAbandoned, StopRequest
+from vlm_hpc.run.submissions import record_template_task
 from vlm_hpc.run.writer import RowOutcome, SliceWriter
 
 EngineFactory = Callable[[RunConfig], Engine]
@@ -210,6 +211,9 @@ class SliceRun:
         for note in check.notes:
             log.info(f"manifest: {note}")
         environment = JobEnvironment.current()
+        # A task that no submit recorded (the sbatch template): status must see it and its queued siblings.
+        record_template_task(layout, slice_id, environment.slurm_task,
+                             environment.array_job_id if environment.array_task_id == str(slice_id) else None)
         lease = SliceLease(layout.lease_file(slice_id), environment, config.worker.stale_lease_seconds,
                            heartbeat_seconds=config.worker.heartbeat_seconds,
                            failing_seconds=config.worker.heartbeat_failure_seconds, log=log.info)
@@ -219,6 +223,7 @@ class SliceRun:
                 log.info(f"took over the slice lease: {recovered}")
             lease.start_heartbeat()
             stop_request = stop_request or StopRequest(layout.kill_file(slice_id), config.worker.grace_seconds)
+            stop_request.on_request = log.info  # the moment a stop arrives is in the log, whatever follows
             return cls(config, slice_id, count, rows, layout, check, log, environment, lease, stop_request,
                        engine_factory)
         except BaseException:
@@ -329,7 +334,21 @@ class SliceRun:
             self.log.info(f"done: {state.captions} captions, {state.failures} failures")
         else:
             self.log.info(f"{status} ({reason}) with {state.finished_rows}/{state.total} rows done")
+        if reason == "kill_file":
+            self.consume_kill_file()
         return SliceOutcome(status, reason, state)
+
+    def consume_kill_file(self) -> None:
+        """A kill file stops one attempt, not every later one: once its stop is recorded it becomes
+        kill{I}.done (with the time), so the same submit command resumes the slice."""
+        kill, obeyed = self.layout.kill_file(self.slice_id), self.layout.obeyed_kill_file(self.slice_id)
+        try:
+            kill.replace(obeyed)
+            with open(obeyed, "a") as handle:
+                handle.write(f"obeyed {time.strftime('%Y-%m-%d %H:%M:%S')} by {self.environment.describe()}\n")
+        except FileNotFoundError:
+            return  # removed by hand meanwhile
+        self.log.info(f"kill file obeyed: {kill.name} renamed to {obeyed.name}; submit again to resume")
 
     def record_crash(self, exc: BaseException) -> None:
         """Mark the slice crashed with a short reason ("disk full (ENOSPC) on PATH") where the index can still be
@@ -405,7 +424,9 @@ class BatchLoop:
             log.info(f"abandoned rows {','.join(str(p.row) for p in batch.rows)}: {exc}")
             return False
         self.uncommitted_seconds += time.monotonic() - began
-        log.info(f"computed rows={','.join(str(p.row) for p in batch.rows)}")
+        # Only the rows the model saw; the batch's failed rows are in the ledger with their reason.
+        if batch.ready:
+            log.info(f"computed rows={','.join(str(p.row) for p in batch.ready)}")
         self.uncommitted.extend(row_outcomes(batch.rows, captions))
         self.progress.add(len(batch.rows), sum(map(_tile_count, batch.ready)),
                           sum(len(c.token_ids) for c in captions.values() if c is not None))

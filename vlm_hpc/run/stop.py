@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
@@ -55,6 +56,7 @@ class StopRequest:
         self.reason: str | None = None
         self.requeue = False
         self.deadline: float | None = None
+        self.on_request: Callable[[str], None] | None = None  # told the first request, as it arrives (the log)
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -87,6 +89,9 @@ class StopRequest:
             self.reason = reason
             self.deadline = (time.monotonic() if at is None else at) + self.grace_seconds
             self.requeue = requeue
+            if self.on_request is not None:
+                self.on_request(f"stop requested ({reason}): the batch in flight gets {self.grace_seconds:g} s, "
+                                f"then what is computed is committed" + (" and the task requeued" if requeue else ""))
         elif reason == "sigterm" and self.reason == "time_limit":
             pass  # the time limit's own SIGTERM after its warning: still requeue
         elif reason in ("sigterm", "interrupt", "kill_file"):
