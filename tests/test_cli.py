@@ -37,7 +37,8 @@ def test_unknown_or_missing_commands_are_refused(capsys: pytest.CaptureFixture) 
 
 @pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_every_help_is_complete(command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    """`--help` exits 0, its description is a whole sentence, and every argument says what it is for."""
+    """`--help` exits 0, its description is a whole sentence, every argument says what it is for, and the README's
+    table of commands names every flag."""
     parsers: list[argparse.ArgumentParser] = []
     parse_args = argparse.ArgumentParser.parse_args
 
@@ -58,3 +59,6 @@ def test_every_help_is_complete(command: str, monkeypatch: pytest.MonkeyPatch, c
     assert parser.description.endswith("."), parser.description
     assert " ".join(parser.description.split()) in " ".join(capsys.readouterr().out.split())
     assert [action.dest for action in parser._actions if not action.help or action.help == argparse.SUPPRESS] == []
+    readme = (ROOT / "README.md").read_text()
+    assert [option for action in parser._actions for option in action.option_strings
+            if option.startswith("--") and option != "--help" and f"`{option}" not in readme] == []
