@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vlm_hpc.cluster.array_spec import format_indices, parse_array, split_for_max_array_size
-from vlm_hpc.config import load_config
+from vlm_hpc.config import RunConfig, load_config
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.internvl.prompt import CAPTION_QUESTION
 from vlm_hpc.run.checkpoint import SliceCheckpoint, add_interval
@@ -24,6 +27,23 @@ def test_default_config_is_the_seeds() -> None:
     assert config.generation.do_sample and config.prompt.question == CAPTION_QUESTION
     assert config.output.dir == "./outputs/out_laion_0/" and config.output.max_sample_images == 1000
     assert config.model.path == "./InternVL-Chat-V1-5"
+
+
+def test_default_yaml_lists_every_key_at_its_default_with_a_comment() -> None:
+    """configs/default.yaml is the reference users copy: every field of every section, at the dataclass default, so
+    that it cannot drift from the code; each key has a comment on its line or the line above."""
+    text = (ROOT / "configs" / "default.yaml").read_text()
+    listed = yaml.safe_load(text)
+    for section in dataclasses.fields(RunConfig):
+        defaults = section.default_factory()
+        if section.name == "vars":  # names, not settings: the seed's source and partition
+            assert set(listed["vars"]) == set(defaults), "vars"
+            continue
+        assert listed[section.name] == dataclasses.asdict(defaults), f"section {section.name}"
+    lines = text.splitlines()
+    for number, line in enumerate(lines):
+        if re.match(r"  \w+:", line):
+            assert "#" in line or lines[number - 1].lstrip().startswith("#"), f"no comment: {line}"
 
 
 def test_overrides_and_interpolation() -> None:

@@ -1,7 +1,10 @@
-"""`ruff check` is clean on the package, the tests and the benchmarks (rules in pyproject's [tool.ruff])."""
+"""`ruff check` is clean on the package, the tests and the benchmarks (rules in pyproject's [tool.ruff]); no tracked
+file names a path that exists only on the machine it was written on."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,3 +29,20 @@ def test_ruff_check_is_clean() -> None:
     result = subprocess.run([*ruff(), "check", "--no-cache", "vlm_hpc", "tests", "benchmarks"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_tracked_file_names_a_path_of_this_machine() -> None:
+    """Folders under /work, /root or /home belong to one machine; a clone names its neighbours relatively (the lab
+    notes are ../shared/notes/ beside it). Binary files (weights, tokenizer models, Arrow data) are not read."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, timeout=60)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    machine_path = re.compile(rb"(?<![\w.~/-])/(?:work|root|home)/")
+    found = []
+    for name in filter(None, listed.stdout.split(b"\0")):
+        path = ROOT / os.fsdecode(name)
+        data = path.read_bytes() if path.is_file() else b""
+        if b"\0" not in data[:8192]:
+            found += [f"{os.fsdecode(name)}:{number}" for number, line in enumerate(data.splitlines(), 1)
+                      if machine_path.search(line)]
+    assert found == []

@@ -28,17 +28,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, WebP, ...)")
     parser.add_argument("--model", required=True, help="InternVL-Chat-V1-5 folder (original or converted)")
     parser.add_argument("--max-num", type=int, default=9, help="most tiles per image before the thumbnail (9)")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens)
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
+                        help=f"longest caption, in tokens ({DEFAULTS.max_new_tokens})")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature)
-    parser.add_argument("--top-p", type=float, default=DEFAULTS.top_p)
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="sampling seed")
+    parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
+                        help=f"sampling temperature ({DEFAULTS.temperature})")
+    parser.add_argument("--top-p", type=float, default=DEFAULTS.top_p, help=f"nucleus sampling ({DEFAULTS.top_p})")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"sampling seed ({DEFAULTS.seed})")
     parser.add_argument("--question", default=CAPTION_QUESTION, help="the prompt (default: the seed's caption prompt)")
     parser.add_argument("--system-message", default=None, help="default: config.json's, else the template's")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--batch-size", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=6, help="images captioned together (6)")
     return parser.parse_args(argv)
 
 

@@ -173,9 +173,10 @@ def resubmit_indices(statuses: list[SliceStatus]) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlm_hpc.status", description=__doc__.splitlines()[0])
-    parser.add_argument("output")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--watch", nargs="?", type=float, const=10.0, default=None, metavar="SECONDS")
+    parser.add_argument("output", help="the run's output folder (output.dir)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (slices, num_rows, resubmit)")
+    parser.add_argument("--watch", nargs="?", type=float, const=10.0, default=None, metavar="SECONDS",
+                        help="print the report again every SECONDS (default 10) until interrupted")
     args = parser.parse_args(argv)
     layout = OutputLayout(Path(args.output))
     while True:

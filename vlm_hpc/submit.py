@@ -331,12 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-slices", type=int, default=None,
                         help="slices the dataset is cut into (default: largest index + 1, then fixed)")
     parser.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
-                        help="default: slurm when sbatch is on PATH, else local")
+                        help="local: subprocesses, debug: in-process; default: slurm if sbatch is on PATH, else local")
     parser.add_argument("--force", action="store_true", help="reuse an output folder of another run")
     parser.add_argument("--accept-changes", action="store_true",
                         help="go on although settings pinned in OUTPUT/manifest.json changed (recorded there)")
-    parser.add_argument("--wait", action="store_true", help="wait for the jobs and report")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--wait", action="store_true", help="wait for the jobs and print how each slice ended")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides: generation.batch_size=8")
     args = parser.parse_args(argv)
     started = time.time()
     command = command_of(args.config, args.overrides, args.num_slices, args.cluster)

@@ -111,8 +111,8 @@ def write_tiny_model(destination: str | Path, seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlm_hpc.tiny_model", description=__doc__.splitlines()[0])
-    parser.add_argument("destination")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("destination", help="a new folder for the model")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (0)")
     args = parser.parse_args(argv)
     print(write_tiny_model(args.destination, args.seed))
     return 0

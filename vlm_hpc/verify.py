@@ -1,6 +1,7 @@
-"""`python -m vlm_hpc.verify OUTPUT [--repair]`: prove a run. Every row of every slice must be committed exactly
-once or in the failure ledger; reports pending, lost, duplicate, orphan and corrupt outputs (any damaged index,
-ledger, lease, manifest or caption file, named). Exit code 0 only when the run is complete and all is well.
+"""`python -m vlm_hpc.verify OUTPUT [--repair]`: prove a run complete; exit code 0 only when it is and all is well.
+
+Every row of every slice must be committed exactly once or in the failure ledger; it reports pending, lost,
+duplicate, orphan and corrupt outputs (any damaged index, ledger, lease, manifest or caption file, named).
 `--repair` first rebuilds each missing or corrupt slice index from the slice's intact outputs.
 """
 

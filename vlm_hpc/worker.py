@@ -17,11 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     record_stop_signals()
     parser = argparse.ArgumentParser(prog="python -m vlm_hpc.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    parser.add_argument("--slice", type=int, required=True)
-    parser.add_argument("--num-slices", type=int, required=True)
+    parser.add_argument("--slice", type=int, required=True, help="the slice to caption (an array task id): 0 to N-1")
+    parser.add_argument("--num-slices", type=int, required=True,
+                        help="N: slices the dataset is cut into (fixed in OUTPUT/manifest.json by the first run)")
     parser.add_argument("--accept-changes", action="store_true",
                         help="go on although settings pinned in OUTPUT/manifest.json changed (recorded there)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. generation.batch_size=8")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides: generation.batch_size=8")
     args = parser.parse_args(argv)
     from vlm_hpc.cluster import slurm
     from vlm_hpc.cluster.environment import JobEnvironment

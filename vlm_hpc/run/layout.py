@@ -15,6 +15,7 @@
     OUTPUT/stamps/slice_{I}.json   reproducibility stamp of each attempt
     OUTPUT/logs/slice_{I}.log      the worker's log (appended across requeues)
     OUTPUT/logs/submitit/          submitit's pickles and its own logs of each array task
+    OUTPUT/logs/sbatch_{job}_{I}.out  Slurm's output of an array task of sbatch_templates/caption_array.sbatch
     OUTPUT/manifest.json           dataset and slice fingerprints, slicing, pinned settings, fixed at the first run
     OUTPUT/.manifest.{pid}.tmp     the first start's manifest, linked into place (the first writer wins)
     OUTPUT/manifest.lock           held while a start updates the manifest
