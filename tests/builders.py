@@ -102,3 +102,59 @@ def read_captions(output: Path) -> dict[str, dict]:
             record = json.loads(line)
             captions[record["key"]] = {"web_caption": record["web_caption"], "vlm_caption": record["vlm_caption"]}
     return captions
+
+
+# A model folder's conversation.py, written for these tests in the shape of InternVL's: the class and the
+# registry it imports, then the internlm2-chat registration with SYSTEM_MESSAGE standing for the literal.
+CONVERSATION_PY = """\
+import dataclasses
+from enum import IntEnum, auto
+
+
+class SeparatorStyle(IntEnum):
+    ADD_COLON_SINGLE = auto()
+    MPT = auto()
+
+
+@dataclasses.dataclass
+class Conversation:
+    name: str
+    system_template: str = '{system_message}'
+    system_message: str = ''
+    roles: tuple = ('USER', 'ASSISTANT')
+    sep_style: SeparatorStyle = SeparatorStyle.ADD_COLON_SINGLE
+    sep: str = '\\n'
+    stop_token_ids: list = None
+
+
+conv_templates = {}
+
+
+def register_conv_template(template, override=False):
+    if not override:
+        assert template.name not in conv_templates, f'{template.name} has been registered.'
+    conv_templates[template.name] = template
+
+
+register_conv_template(
+    Conversation(
+        name='internlm2-chat',
+        system_template='<|im_start|>system\\n{system_message}',
+        SYSTEM_MESSAGE
+        roles=('<|im_start|>user\\n', '<|im_start|>assistant\\n'),
+        sep_style=SeparatorStyle.MPT,
+        sep='<|im_end|>',
+    )
+)
+"""
+V15_LINE = "system_message='You are an AI assistant whose name is InternLM (书生·浦语).',"
+
+
+def write_conversation(folder: Path, message_line: str = V15_LINE, before: str = "",
+                       after: str = "") -> Path:
+    """Write `folder`/conversation.py with `message_line` as the template's system_message argument, `before`
+    just above the registration and `after` at the end."""
+    text = CONVERSATION_PY.replace("SYSTEM_MESSAGE", message_line)
+    path = folder / "conversation.py"
+    path.write_text(text.replace("\nregister_conv_template(\n", f"\n{before}\nregister_conv_template(\n", 1) + after)
+    return path

@@ -4,17 +4,19 @@ config loads no engine library."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from builders import noise_dataset, read_captions, write_config
+from builders import noise_dataset, read_captions, write_config, write_conversation
 from vlm_hpc.config import load_config
 from vlm_hpc.engines import engine_names, register_engine
 from vlm_hpc.engines.base import Caption, Engine
 from vlm_hpc.errors import VlmHpcError
+from vlm_hpc.internvl.prompt import V15_ENGLISH_SYSTEM_MESSAGE
 from vlm_hpc.run.slice_run import run_slice
 from vlm_hpc.verify import verify
 
@@ -53,6 +55,22 @@ def test_an_engine_registered_by_name_is_the_one_run_slice_loads(golden_model_di
     assert len(captions) == 5 and verify(output).ok
     stamp = json.loads((output / "stamps" / "slice_00000.json").read_text())[0]
     assert stamp["engine"] == "null" and stamp["device"] == "none" and stamp["system_message"] == "no system message"
+
+
+def test_the_stamp_the_log_and_the_pins_say_where_the_system_message_came_from(golden_model_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(golden_model_dir, folder)
+    write_conversation(folder)
+    output = tmp_path / "out"
+    config = load_config(write_config(tmp_path / "c.yaml", folder, noise_dataset(tmp_path / "data", 2), output,
+                                      worker={"loader_workers": 0}))
+    assert run_slice(config, 0, 1).status == "done"
+    stamp = json.loads((output / "stamps" / "slice_00000.json").read_text())[0]
+    assert stamp["system_message"] == V15_ENGLISH_SYSTEM_MESSAGE
+    assert stamp["system_message_source"] == "conversation.py (internlm2-chat)"
+    assert "system message: conversation.py (internlm2-chat)" in (output / "logs" / "slice_00000.log").read_text()
+    assert json.loads((output / "manifest.json").read_text())["pinned"]["system_message"] == V15_ENGLISH_SYSTEM_MESSAGE
 
 
 def test_an_unknown_engine_is_one_line_naming_the_choices(tmp_path: Path) -> None:

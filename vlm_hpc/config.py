@@ -83,7 +83,7 @@ class GenerationSection(GenerationSettings):
 @dataclass
 class PromptSection:
     question: str = CAPTION_QUESTION
-    system_message: str | None = None  # None: config.json's, else the template's default (as the original)
+    system_message: str | None = None  # None: as the original, config.json's, else conversation.py's template
 
 
 @dataclass

@@ -51,7 +51,8 @@ def convert_folder(source: str | Path, destination: str | Path) -> Path:
     for name in TOKENIZER_COPY:
         if (folder.path / name).is_file():
             shutil.copyfile(folder.path / name, target / name)
-    metadata = {"system_message": folder.system_message, "converted_from": str(folder.path.resolve()),
+    metadata = {"system_message": folder.system_message, "system_message_source": folder.system_message_source,
+                "converted_from": str(folder.path.resolve()),
                 "source_model_type": "internvl_chat", "template": folder.original_config["template"]}
     (target / NATIVE_METADATA_FILE).write_text(json.dumps(metadata, indent=1, ensure_ascii=False))
     return target

@@ -81,8 +81,8 @@ class Engine(ABC):
 
     @abstractmethod
     def describe(self) -> dict[str, str]:
-        """What the reproducibility stamp records about this engine: device, dtype, library versions and the
-        resolved system message, each as text."""
+        """What the reproducibility stamp records about this engine: device, dtype, library versions, the
+        resolved system message and its source (system_message_source), each as text."""
 
     def memory_costs(self) -> MemoryCosts | None:
         """What a batch costs in accelerator memory; None where memory does not limit a batch."""

@@ -108,11 +108,13 @@ class TransformersEngine(Engine):
     tile tensors into captions."""
 
     def __init__(self, model: InternVLForConditionalGeneration, tokenizer: InternLM2Tokenizer, *,
-                 system_message: str, question: str = CAPTION_QUESTION, settings: GenerationSettings | None = None,
-                 num_image_token: int = 256, vision_batch: int | None = None) -> None:
+                 system_message: str, system_message_source: str, question: str = CAPTION_QUESTION,
+                 settings: GenerationSettings | None = None, num_image_token: int = 256,
+                 vision_batch: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.system_message = system_message
+        self.system_message_source = system_message_source  # for the stamp and the log
         self.question = question
         self.settings = settings or GenerationSettings()
         self.num_image_token = num_image_token
@@ -126,10 +128,13 @@ class TransformersEngine(Engine):
                     question: str = CAPTION_QUESTION, system_message: str | None = None,
                     settings: GenerationSettings | None = None,
                     attn_implementation: str = "sdpa", vision_batch: int | None = None) -> TransformersEngine:
-        """Load a model folder; the system message defaults to what the original takes from config.json."""
+        """Load a model folder; `system_message` (prompt.system_message) overrides what the original takes
+        from the folder (config.json's, else its conversation.py's)."""
         folder = inspect_model_folder(path)
         model = load_model(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)
+        source = "prompt.system_message" if system_message else folder.system_message_source
         return cls(model, load_tokenizer(path), system_message=system_message or folder.system_message,
+                   system_message_source=source,
                    question=question, settings=settings, num_image_token=folder.num_image_token,
                    vision_batch=vision_batch)
 
@@ -191,9 +196,11 @@ class TransformersEngine(Engine):
         return self.device.type == "cuda"
 
     def describe(self) -> dict[str, str]:
-        """Device, dtype, the torch and transformers versions and the system message, for the stamp."""
+        """Device, dtype, the torch and transformers versions and the system message with its source, for the
+        stamp."""
         return {"device": str(self.device), "dtype": str(self.dtype), "transformers": transformers.__version__,
-                "torch": torch.__version__, "system_message": self.system_message}
+                "torch": torch.__version__, "system_message": self.system_message,
+                "system_message_source": self.system_message_source}
 
     def _finish(self, row: list[int]) -> Caption:
         stopped = self.stop_id in row

@@ -17,7 +17,8 @@ from safetensors import safe_open
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.internvl.prompt import DEFAULT_SYSTEM_MESSAGE, IMG_CONTEXT
+from vlm_hpc.internvl.conversation_file import CONVERSATION_FILE, read_template
+from vlm_hpc.internvl.prompt import DEFAULT_SYSTEM_MESSAGE, IMG_CONTEXT, TEMPLATE_NAME
 from vlm_hpc.internvl.tokenizer import TOKENIZER_FILES, load_tokenizer
 from vlm_hpc.internvl.weight_mapping import SplitShapes, check_supported, map_tensor, native_config
 
@@ -33,7 +34,8 @@ class ModelFolder:
     path: Path
     layout: str  # "original" or "native"
     config: InternVLConfig
-    system_message: str  # config.json's system_message if present, else the template's default
+    system_message: str  # resolved as the original does, see folder_system_message
+    system_message_source: str  # where it came from, for the stamp and the log: "config.json", ...
     weight_files: tuple[Path, ...]
     original_config: dict | None  # the original config.json (None for a native copy)
     fingerprint: str  # model_fingerprint(path)
@@ -101,6 +103,28 @@ def tokenizer_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def folder_system_message(folder: Path, raw_config: dict) -> tuple[str, str]:
+    """(system message, its source) of an original-layout folder, chosen as InternVLChatModel.__init__ does:
+    config.json's `system_message` whenever the key is present (`hasattr(config, 'system_message')`, so an empty
+    string counts), else the `internlm2-chat` template's of the folder's conversation.py, which the original
+    imports; our default only when the folder has no conversation.py. The file is parsed and its template
+    checked even when config.json decides, because build_prompt stands in for that template."""
+    path = folder / CONVERSATION_FILE
+    template = read_template(path) if path.is_file() else None
+    if path.is_file() and template is None:
+        raise VlmHpcError(f"model: {path} registers no {TEMPLATE_NAME!r} template, which config.json names and the "
+                          "original would fail to find; restore the file from the InternVL-Chat-V1-5 download")
+    if "system_message" in raw_config:
+        message = raw_config["system_message"]
+        if not isinstance(message, str):
+            raise VlmHpcError(f"model: {folder}/config.json has system_message {message!r}, not text; set it to "
+                              "a string or remove it")
+        return message, "config.json"
+    if template is not None:
+        return template.system_message, f"{CONVERSATION_FILE} ({TEMPLATE_NAME})"
+    return DEFAULT_SYSTEM_MESSAGE, "default"
+
+
 def inspect_model_folder(path: str | Path) -> ModelFolder:
     """Read and validate a model folder's config and tokenizer without loading any weights."""
     folder = Path(path)
@@ -113,8 +137,8 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
     if model_type == "internvl_chat":
         check_supported(raw, str(folder / "config.json"))
         config = native_config(raw, image_token_id)
-        system_message = raw.get("system_message") or DEFAULT_SYSTEM_MESSAGE
-        return ModelFolder(folder, "original", config, system_message, _weight_files(folder), raw,
+        system_message, source = folder_system_message(folder, raw)
+        return ModelFolder(folder, "original", config, system_message, source, _weight_files(folder), raw,
                            model_fingerprint(folder), tokenizer_fingerprint(folder))
     if model_type == "internvl":
         metadata = _read_json(folder / NATIVE_METADATA_FILE)
@@ -122,7 +146,10 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
         if config.tie_word_embeddings or config.image_token_id != image_token_id:
             raise VlmHpcError(f"model: {folder} is a native InternVL folder not written by vlm_hpc.convert "
                               "(tied lm_head or another image token); convert the original folder instead")
-        return ModelFolder(folder, "native", config, metadata["system_message"], _weight_files(folder), None,
+        # Copies converted before the source was recorded say only that the message was pinned there.
+        source = metadata.get("system_message_source", "unrecorded")
+        return ModelFolder(folder, "native", config, metadata["system_message"],
+                           f"{NATIVE_METADATA_FILE} ({source})", _weight_files(folder), None,
                            model_fingerprint(folder), tokenizer_fingerprint(folder))
     raise VlmHpcError(f"model: {folder}/config.json has model_type {model_type!r}; expected 'internvl_chat' "
                       "(the original InternVL-Chat-V1-5 download) or 'internvl' (a vlm_hpc.convert copy)")

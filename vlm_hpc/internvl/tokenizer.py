@@ -5,6 +5,10 @@ tokenizer_config.json, BOS comes from the sentencepiece model, and decoding has 
 (clean-up of " ." etc., byte-fallback to U+FFFD). Everything is read from the model folder's files:
 `tokenizer.model`, `tokenizer_config.json` (`added_tokens_decoder`, `additional_special_tokens`, flags) and
 `special_tokens_map.json`.
+
+The ids are the original's on every sentencepiece 0.2.x: InternLM2's vocabulary has a piece that is a literal NUL
+(id 354), which sentencepiece 0.2.0 (the original's) gives U+0000, while 0.2.1 and later ignore that piece and
+byte-fall-back U+0000 to `<0x00>`; the wrapper puts the piece back (`_nul_piece_to_restore`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import sentencepiece as spm
 from vlm_hpc.errors import VlmHpcError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
+NUL = "\x00"
+_QUIET_LOG_LEVEL = 2  # sentencepiece's ERROR: warnings and info are not printed
+_DEFAULT_LOG_LEVEL = 0  # sentencepiece's own default (the level has no getter to restore from)
 
 # transformers' `clean_up_tokenization`, which the slow tokenizer always applies when joining pieces.
 _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
@@ -48,7 +55,8 @@ class InternLM2Tokenizer:
     """Encode and decode exactly as the original slow `InternLM2Tokenizer` on transformers 4.37 does."""
 
     def __init__(self, model_file: Path, config: dict, special_map: dict) -> None:
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.sp = _load_processor(model_file)
+        self.nul_id = _nul_piece_to_restore(self.sp, model_file)  # None: encode needs no help with U+0000
         self.add_bos_token = bool(config.get("add_bos_token", True))
         self.add_eos_token = bool(config.get("add_eos_token", False))
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
@@ -71,6 +79,8 @@ class InternLM2Tokenizer:
         """Id of an added token or sentencepiece piece; raises if the folder does not define it."""
         if token in self.added_by_content:
             return self.added_by_content[token].id
+        if token == NUL and self.nul_id is not None:
+            return self.nul_id
         piece_id = self.sp.piece_to_id(token)
         if piece_id == self.sp.unk_id() and token != self.sp.id_to_piece(piece_id):
             raise VlmHpcError(f"tokenizer: token {token!r} is not in the vocabulary; is this an InternVL tokenizer?")
@@ -89,10 +99,24 @@ class InternLM2Tokenizer:
             if is_added:
                 ids.append(self.added_by_content[chunk].id)
             elif chunk:
-                ids.extend(self.sp.encode(chunk))
+                ids.extend(self._encode_text(chunk))
         prefix = [self.bos_id] if self.add_bos_token else []
         suffix = [self.eos_id] if self.add_eos_token else []
         return prefix + ids + suffix
+
+    def _encode_text(self, text: str) -> list[int]:
+        """sentencepiece 0.2.0's ids of text between added tokens. No other piece contains NUL (checked at load)
+        and the model neither normalizes nor adds a dummy prefix, so BPE never merges across a NUL: the text
+        encodes as its NUL-free parts, with the NUL piece between them."""
+        if self.nul_id is None or NUL not in text:
+            return self.sp.encode(text)
+        ids: list[int] = []
+        for index, part in enumerate(text.split(NUL)):
+            if index:
+                ids.append(self.nul_id)
+            if part:
+                ids.extend(self.sp.encode(part))
+        return ids
 
     def encode_batch(self, texts: list[str]) -> Batch:
         """Encode several texts and left-pad them with the pad id, as `batch_chat` does."""
@@ -181,6 +205,71 @@ class InternLM2Tokenizer:
                 chunks[index] = [chunk + right[0], False]
                 right[0] = ""
         return [(chunk, is_added) for chunk, is_added in chunks if chunk]
+
+
+def _load_processor(model_file: Path) -> spm.SentencePieceProcessor:
+    """The sentencepiece model, loaded without the library's warnings on stderr."""
+    # sentencepiece >= 0.2.1 warns at every load that it ignores the NUL piece, which encode restores: silence it.
+    spm.set_min_log_level(_QUIET_LOG_LEVEL)
+    try:
+        return spm.SentencePieceProcessor(model_file=str(model_file))
+    finally:
+        spm.set_min_log_level(_DEFAULT_LOG_LEVEL)
+
+
+def _nul_piece_to_restore(sp: spm.SentencePieceProcessor, model_file: Path) -> int | None:
+    """The id of the piece sentencepiece 0.2.0 encodes U+0000 as, when the installed library encodes it otherwise;
+    None when the model has no such piece or the library still uses it. Raises when splitting at NUL would not
+    reproduce 0.2.0 for this model."""
+    with_nul = [i for i in range(sp.get_piece_size()) if NUL in sp.id_to_piece(i)]
+    nul = next((i for i in with_nul if sp.id_to_piece(i) == NUL), None)
+    if nul is None or sp.encode(NUL) == [nul]:
+        return None
+    spec = _proto_fields(_proto_fields(sp.serialized_model_proto()).get(3, b""))  # ModelProto.normalizer_spec
+    # NormalizerSpec fields 2 precompiled_charsmap, 3 add_dummy_prefix, 4 remove_extra_whitespaces (proto2
+    # defaults: empty, true, true): any of them would make the parts between NULs encode differently.
+    exact = with_nul == [nul] and not spec.get(2) and spec.get(3, 1) == 0 and spec.get(4, 1) == 0
+    if not exact:
+        raise VlmHpcError(f"tokenizer: {model_file} has a NUL piece ({nul}) that sentencepiece {spm.__version__} "
+                          "no longer uses, and this model (its normalizer, or other pieces with a NUL) keeps "
+                          "vlm_hpc from restoring it exactly; install sentencepiece==0.2.0")
+    return nul
+
+
+def _proto_fields(message: bytes) -> dict[int, object]:
+    """One protobuf message's top-level fields by number (varints as int, length-delimited as bytes, the last
+    value winning as in protobuf): sentencepiece's Python API does not expose the normalizer spec, and protobuf
+    is not a dependency."""
+    values: dict[int, object] = {}
+    position = 0
+    while position < len(message):
+        key, position = _varint(message, position)
+        wire_type = key & 7
+        if wire_type == 0:
+            values[key >> 3], position = _varint(message, position)
+        elif wire_type == 2:
+            length, position = _varint(message, position)
+            values[key >> 3] = message[position:position + length]
+            position += length
+        elif wire_type in (1, 5):  # fixed 64 / 32 bits: none of the fields read here
+            position += 8 if wire_type == 1 else 4
+        else:
+            raise VlmHpcError(f"tokenizer: unexpected protobuf wire type {wire_type} in tokenizer.model; "
+                              "is it a sentencepiece model?")
+    return values
+
+
+def _varint(data: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if position >= len(data):
+            raise VlmHpcError("tokenizer: tokenizer.model ends inside a protobuf field; re-download it")
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, position
 
 
 def _clean_up(text: str) -> str:

@@ -54,7 +54,7 @@ def pinned_settings(config: RunConfig, folder: ModelFolder) -> PinnedSettings:
     return PinnedSettings(
         model=folder.fingerprint, tokenizer=folder.tokenizer_fingerprint, dtype=config.model.dtype,
         engine=config.model.engine,
-        # Resolved as the engine resolves it: the config's, else config.json's, else the template's default.
+        # Resolved as the engine resolves it: the config's, else the folder's (loading.folder_system_message).
         system_message=config.prompt.system_message or folder.system_message, question=config.prompt.question,
         max_num=config.tiling.max_num, skip_truncated=config.tiling.skip_truncated, do_sample=g.do_sample,
         temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, num_beams=g.num_beams,

@@ -281,7 +281,12 @@ class SliceRun:
             return self.finish("requeued" if self.stop_request.requeue else "stopped", self.stop_request.reason)
         if not self.layout.query_file.exists():
             write_atomic(self.layout.query_file, self.config.prompt.question.encode())
-        self.write_stamp(engine)
+        described = self.write_stamp(engine)
+        # Said once the engine is up, as the stamp says it: which of config.json, conversation.py, our default
+        # or prompt.system_message decided the prompt.
+        source = described.get("system_message_source", "not reported by this engine")
+        self.log.info(f"engine {self.config.model.engine} loaded on {described.get('device')}; "
+                      f"system message: {source}")
         limits = batch_limits(self.config, engine)
         if limits.max_tiles is not None:
             self.log.info(f"batches: up to {limits.max_tiles} tiles and {limits.max_images} images, "
@@ -300,9 +305,9 @@ class SliceRun:
         stop = self.stop_request
         return self.finish("requeued" if stop.requeue else "stopped", stop.reason or "unknown")
 
-    def write_stamp(self, engine: Engine) -> None:
+    def write_stamp(self, engine: Engine) -> dict[str, str]:
         """Add this attempt to the slice's reproducibility stamps (a record, not state: a damaged file is set
-        aside and a new one started)."""
+        aside and a new one started); returns what the engine described of itself there."""
         folder = Path(self.config.model.path)
         stamp_path = self.layout.stamp_file(self.slice_id)
         try:
@@ -313,15 +318,17 @@ class SliceRun:
             self.log.info(f"{stamp_path} is damaged; it is kept as {stamp_path.name}.damaged and a new one is started")
             stamp_path.replace(stamp_path.with_name(stamp_path.name + ".damaged"))
             attempts = []
+        described = engine.describe()
         attempts.append({
             "time": time.time(), "environment": self.environment.to_dict(), "vlm_hpc": __version__,
-            "engine": self.config.model.engine, **engine.describe(),
+            "engine": self.config.model.engine, **described,
             "model_fingerprint": model_fingerprint(folder), "model_path": str(folder.resolve()),
             "prompt_sha256": hashlib.sha256(engine.prompt(1).encode()).hexdigest()[:16],
             "generation": self.config.to_dict()["generation"], "max_num": self.config.tiling.max_num,
             "accepted_changes": self.check.accepted,
         })
         self.writer.write_fenced(stamp_path, json.dumps(attempts, ensure_ascii=False, indent=1).encode())
+        return described
 
     def finish(self, status: str, reason: str | None) -> SliceOutcome:
         """Record how this attempt ended (done: with the end marker)."""
