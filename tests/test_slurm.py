@@ -177,6 +177,29 @@ def test_an_sbatch_refusal_is_one_line_and_fixes_nothing_of_the_run(slurm: Path,
     assert json.loads((output / "manifest.json").read_text())["num_slices"] == 4
 
 
+def test_the_sbatch_template_runs_on_the_cluster_and_status_sees_its_queued_tasks(slurm: Path, golden_model_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", golden_model_dir, slow_dataset(tmp_path / "data", 9), output,
+                          slurm={"cpus_per_task": 1, "mem_gb": None, "time_min": 10})
+    # One task at a time (%1): while slice 0 runs, slices 1 and 2 wait in Slurm's queue.
+    submitted = subprocess.run(["bash", str(ROOT / "sbatch_templates" / "caption_array.sbatch"), "--array=0-2%1",
+                                str(config)], capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "VLM_HPC_PYTHON": sys.executable})
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job = re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1)
+    wait_for(lambda: (output / "state" / "slice_00000.json").exists(), 300, "slice 0 to start")
+    shown = {s.slice: s for s in collect(output)[0]}
+    if shown[1].slurm == "PENDING":  # slice 0 not finished yet: its queued siblings are known, not resubmittable
+        rendered = subprocess.run([sys.executable, "-m", "vlm_hpc.status", str(output)], capture_output=True,
+                                  text=True).stdout
+        assert "resubmit" not in rendered or "--array 1" not in rendered, rendered
+    wait_until_done(output, range(3), 600)
+    assert verify(output).ok
+    assert sorted(p.name for p in (output / "logs").glob("sbatch_*.out")) == [f"sbatch_{job}_{i}.out" for i in range(3)]
+    assert all(f"{job}_" in line for line in (output / "submissions.jsonl").read_text().splitlines())
+
+
 def test_time_limit_commits_requeues_the_same_index_and_completes(slurm: Path, golden_model_dir: Path,
                                                                    tmp_path: Path) -> None:
     # 2-minute limit, warning 60 s before: Slurm's 30 s tick delivers it 30-60 s into each run, and the slice

@@ -116,7 +116,7 @@ class SlurmSection:
     qos: str | None = None
     time_min: int = positive(240)
     cpus_per_task: int = positive(8)
-    mem_gb: int | None = 64
+    mem_gb: int | None = None  # None: ask for none, the cluster's default applies
     gpus_per_task: int = positive(1)
     constraint: str | None = None
     signal_delay_s: int = 120  # time-limit warning (SIGUSR2) this long before the end: commit and requeue
