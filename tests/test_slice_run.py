@@ -384,11 +384,16 @@ def test_out_of_memory_splits_batches_then_retries_with_fewer_tiles(golden_model
 
 def test_out_of_memory_on_an_ordinary_row_alone_retries_it_with_fewer_tiles(golden_model_dir: Path, tmp_path: Path,
                                                                            shared_engine) -> None:
-    """A row that is neither a sample nor truncated keeps its bytes while its batch is in flight: enough to tile
-    it again at half the max_num when it alone does not fit, and its caption is committed, not the ledger."""
+    """A row that is not a sample keeps no bytes through the loader (memory stays flat however deep its windows);
+    when it alone does not fit, its bytes are read again and it is tiled at half the max_num, and its caption is
+    committed, not the ledger."""
     from vlm_hpc.preprocess.decode import decode_image
     from vlm_hpc.preprocess.tiling import tile_image
+    from vlm_hpc.run.prefetch import prepare_row
+    from vlm_hpc.run.readers.base import Row
     wide = png(21, (64, 48))  # 7 tiles at max_num 6
+    assert prepare_row(Row(1, "wide", wide, "w"), 6, False, None, is_sample=False).image_bytes is None
+    assert prepare_row(Row(0, "square", png(20), "s"), 6, False, None, is_sample=True).image_bytes == png(20)
     rows = [("square_0", png(20), "s"), ("wide", wide, "w"), ("square_1", png(22), "s"), ("square_2", png(23), "s")]
     data = make_dataset(tmp_path / "data", rows)
     output = tmp_path / "out"

@@ -29,9 +29,9 @@ from vlm_hpc.run.stop import loader_process_init
 class PreparedRow:
     """A row after CPU work: uint8 tiles ready for the model, or why it cannot be captioned.
 
-    A row with tiles keeps its image bytes while its batch is in flight: `retile` needs them when the engine runs
-    out of memory on the row alone, and sample rows are saved from them. Held for one batch at a time (plus the
-    loader's prefetch), so memory stays flat however long the slice.
+    Only sample rows keep their image bytes (to save them): holding every row's bytes through the loader's sort
+    windows and prefetch would grow memory by window x depth x image size. The rare retry with fewer tiles
+    (`retile`) reads the row's bytes again from the input instead.
     """
 
     row: int
@@ -49,11 +49,10 @@ class PreparedRow:
         """Whether the row goes to the engine (it has tiles); the others are recorded without the model."""
         return self.tiles is not None
 
-    def retile(self, max_num: int) -> PreparedRow:
-        """This row decoded and tiled again from its kept bytes with at most `max_num` tiles (plus thumbnail)."""
-        if self.image_bytes is None:
-            raise ValueError(f"row {self.row} was prepared without its image bytes; it cannot be tiled again")
-        return replace(self, tiles=tile_image(decode_image(self.image_bytes).image, max_num))
+    def retile(self, max_num: int, image: bytes) -> PreparedRow:
+        """This row decoded and tiled again from `image` (its bytes) with at most `max_num` tiles (plus
+        thumbnail)."""
+        return replace(self, tiles=tile_image(decode_image(image).image, max_num))
 
 
 def prepare_row(row: Row, max_num: int, skip_truncated: bool, duplicate_of: int | None, is_sample: bool) -> PreparedRow:
@@ -77,9 +76,8 @@ def prepare_row(row: Row, max_num: int, skip_truncated: bool, duplicate_of: int 
     prepared.truncated = decoded.truncated
     if decoded.truncated:
         prepared.failure, prepared.detail = "truncated", "file is cut short; captioned like the original (rest black)"
-    prepared.image_bytes = row.image
     if is_sample:
-        prepared.sample_extension = _sample_extension(decoded.format)
+        prepared.image_bytes, prepared.sample_extension = row.image, _sample_extension(decoded.format)
     return prepared
 
 

@@ -465,10 +465,12 @@ class BatchLoop:
     def caption_with_fewer_tiles(self, alone: PreparedRow, settings: GenerationSettings) -> Caption | None:
         """One image the engine cannot caption at max_num, tiled again at half the max_num until it fits."""
         max_num = self.max_num // 2
+        # Only sample rows keep their bytes (see PreparedRow): read this one again, once.
+        image = alone.image_bytes or self.slice.rows.read(alone.row, alone.row + 1)[0].image
         while max_num >= 1:
             self.slice.log.info(f"out of memory on row {alone.row} alone; retrying with max_num {max_num}")
             try:
-                return self.engine.caption([alone.retile(max_num).tiles], settings, poll=self.poll)[0]
+                return self.engine.caption([alone.retile(max_num, image).tiles], settings, poll=self.poll)[0]
             except EngineOutOfMemory:
                 max_num //= 2
         return None
