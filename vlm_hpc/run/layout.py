@@ -135,7 +135,7 @@ class OutputLayout:
         return self.root / "stamps" / f"{self.slice_name(slice_id)}.json"
 
     def slice_temporaries(self, slice_id: int) -> list[tuple[Path, str]]:
-        """(folder, glob) of the temporary files an interrupted atomic write of slice `index` can leave."""
+        """(folder, glob) of the temporary files an interrupted atomic write of slice `slice_id` can leave."""
         name = self.slice_name(slice_id)
         return [(self.state_dir, f".{name}.*.tmp"), (self.root / "stamps", f".{name}.*.tmp")]
 
