@@ -164,3 +164,30 @@ def test_the_heartbeat_survives_failed_writes_and_gives_up_after_its_limit(tmp_p
     assert lease.lost.is_set() and "could not be written" in lease.lost_reason
     assert any("retrying" in message for message in messages)
     lease.release()
+
+
+def test_a_holder_whose_heartbeat_cannot_lock_sees_a_takeover_as_one(tmp_path: Path) -> None:
+    """Resumed from a suspension while the new holder commits (the lock busy): the reason is the takeover, not a
+    failing heartbeat."""
+    from vlm_hpc.run.lease import lease_lock
+    path = tmp_path / "state" / "slice_00000.lease"
+    lease = SliceLease(path, environment(), stale_seconds=60, heartbeat_seconds=0.1, failing_seconds=0.05)
+    lease.acquire()
+    holding = threading.Event()
+    done = threading.Event()
+
+    def new_holder() -> None:  # takes the lease over and keeps the lock, as a long fenced write does
+        with lease_lock(path):
+            write_holder(path, host="node-elsewhere", token="newcomer", generation=lease.generation + 1)
+            holding.set()
+            done.wait(30)
+    thread = threading.Thread(target=new_holder)
+    thread.start()
+    holding.wait(10)
+    lease.start_heartbeat()
+    try:
+        assert lease.lost.wait(30)
+    finally:
+        done.set()
+        thread.join()
+    assert lease.lost_reason.startswith("another worker took over this slice"), lease.lost_reason

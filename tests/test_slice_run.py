@@ -316,7 +316,7 @@ def test_parquet_and_image_feature_inputs_give_the_same_captions(golden_model_di
     parquet = tmp_path / "golden.parquet"
     source.to_parquet(str(parquet), batch_size=4)  # several row groups
     with_image_feature = source.map(lambda row: {"image": {"bytes": row["png"], "path": None}},
-                                    remove_columns=["png"]).cast_column("image", datasets.Image())
+                                    remove_columns=["png"], keep_in_memory=True).cast_column("image", datasets.Image())
     with_image_feature.save_to_disk(str(tmp_path / "image_feature"))
     results = []
     for name, data, overrides in [("parquet", parquet, {}), ("feature", tmp_path / "image_feature",

@@ -287,6 +287,15 @@ class SliceLease:
                 return
             write_atomic(self.path, self._record(), sync_dir=False)
 
+    def _taken_over(self) -> bool:
+        """Whether the lease file (read without the lock: it is replaced atomically) names another holder; then
+        the lease is marked lost with that reason."""
+        holder = read_lease(self.path)
+        if holder and _is_holder(holder) and holder.get("token") != self.token:
+            self._mark_lost(f"another worker took over this slice: the lease now names {_describe(holder)}")
+            return True
+        return False
+
     def start_heartbeat(self) -> None:
         """Refresh every heartbeat interval; a failed refresh is retried sooner, and one failing for longer
         than `failing_seconds` gives the lease up (the worker stops at its next poll)."""
@@ -299,6 +308,8 @@ class SliceLease:
                     last_success, wait = time.monotonic(), self.heartbeat_seconds
                 except (OSError, Timeout) as exc:
                     failing = time.monotonic() - last_success
+                    if self._taken_over():  # e.g. resumed from a suspension while the new holder commits
+                        continue
                     if failing > self.failing_seconds:
                         self._mark_lost(f"the lease heartbeat could not be written for {failing:.0f}s ({exc})")
                     else:

@@ -431,9 +431,11 @@ class BatchLoop:
             log.info(f"abandoned rows {','.join(str(p.row) for p in batch.rows)}: {exc}")
             return False
         self.uncommitted_seconds += time.monotonic() - began
-        # Only the rows the model saw; the batch's failed rows are in the ledger with their reason.
+        # Rows the model saw, apart from rows recorded without it (ledger: undecodable, duplicate key, ...).
         if batch.ready:
             log.info(f"computed rows={','.join(str(p.row) for p in batch.ready)}")
+        if len(batch.ready) < len(batch.rows):
+            log.info(f"ledger rows={','.join(str(p.row) for p in batch.rows if not p.ready)}")
         self.uncommitted.extend(row_outcomes(batch.rows, captions))
         self.progress.add(len(batch.rows), sum(map(_tile_count, batch.ready)),
                           sum(len(c.token_ids) for c in captions.values() if c is not None))
