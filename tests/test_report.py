@@ -81,35 +81,36 @@ def chromium() -> str:
     pytest.skip(message)
 
 
-def browse(page: Path, profile: Path, *mode: str) -> subprocess.CompletedProcess:
+def browse(browser: str, page: Path, profile: Path, *mode: str) -> subprocess.CompletedProcess:
     """Open `page` in headless Chromium; the virtual time budget lets its load event and script run first."""
     # --no-sandbox: CI runs as root, where Chromium refuses its sandbox; the page is our own local file.
-    command = [chromium(), "--headless", "--disable-gpu", "--no-sandbox", f"--user-data-dir={profile}",
+    command = [browser, "--headless", "--disable-gpu", "--no-sandbox", f"--user-data-dir={profile}",
                "--hide-scrollbars", "--window-size=1200,1600", "--virtual-time-budget=5000", *mode, page.as_uri()]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-def test_the_page_loads_in_a_browser_with_its_images_verifys_numbers_and_escaped_text(
+def test_the_page_opens_in_a_browser_with_decoded_images_verify_numbers_and_text_left_as_text(
         run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    browser = chromium()
     assert report.main([str(run)]) == 0
     page = run / "report.html"
     assert capsys.readouterr().out == f"{page}\n"
     source = page.read_text()
     assert "<script>document" not in source and "http://" not in source.replace('"http://www.w3.org/2000/svg"', "")
-    dom = Dom(browse(page, tmp_path / "profile", "--dump-dom").stdout)
+    dom = Dom(browse(browser, page, tmp_path / "profile", "--dump-dom").stdout)
     ((body, _),) = dom.find("body")
     assert body.get("data-loaded") == "true" and "data-injected" not in body  # the page's script ran, no other
     # Every captioned row's image is shown, and the browser decoded it (the script wrote its width).
     samples = [attrs for attrs, _ in dom.find("img")]
     assert len(samples) == 4 == len(list((run / "images").iterdir()))
-    assert all(img["class"] == "sample" and int(img["data-natural-width"]) > 0 for img in samples), samples
+    assert all(img["class"] == "sample" and int(img.get("data-natural-width") or 0) > 0 for img in samples), samples
     assert {img["data-key"] for img in samples} == {"k0", HOSTILE_KEY, "k3", "k5"}
     # The hostile text is text: one script element (the page's), no attribute an injection would add.
     assert [tag for tag, _, _ in dom.elements].count("script") == 1
     assert not [(tag, name) for tag, attrs, _ in dom.elements for name in attrs if name.startswith("on")]
-    assert dom.find("figure", data_key=HOSTILE_KEY) and (dom.find("dd", **{"class": "web"})[1][1] == HOSTILE_CAPTION)
+    assert dom.find("figure", data_key=HOSTILE_KEY) and HOSTILE_CAPTION in [text for _, text in dom.find("dd")]
     # The numbers are verify's, and the ledger's reasons add up to its failures.
     verified = verify(run)
     assert dom.numbers("data-count") == {"rows": verified.rows, "captioned": verified.captioned,
@@ -122,7 +123,7 @@ def test_the_page_loads_in_a_browser_with_its_images_verifys_numbers_and_escaped
     assert len(dom.find("tr", **{"class": "failure"})) == 2
     assert dom.find("svg", id="rate-chart") and dom.find("rect")
     # A screenshot of the page as rendered: a PNG with more than one colour in it.
-    browse(page, tmp_path / "profile", f"--screenshot={tmp_path / 'page.png'}")
+    browse(browser, page, tmp_path / "profile", f"--screenshot={tmp_path / 'page.png'}")
     with Image.open(tmp_path / "page.png") as shot:
         assert shot.format == "PNG" and shot.width > 0 and shot.height > 0
         assert len(shot.convert("L").getcolors(256) or []) > 1
