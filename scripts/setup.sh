@@ -13,3 +13,11 @@ if [ "$resampler" = "Pillow" ] && command -v cc >/dev/null; then
     echo "vlm_hpc._bicubic did not build although a C compiler is here; rerun: .venv/bin/python -m pip install -v -e ." >&2
     exit 1
 fi
+# tests/test_report.py opens the report page in Debian's headless Chromium: as root, install it when it is missing
+# (without root the test skips, except in CI).
+if [ "$(id -u)" -eq 0 ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
+    echo "installing chromium (for tests/test_report.py)"
+    { apt-get update -qq -o DPkg::Lock::Timeout=120 &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=120 chromium; } >/dev/null ||
+        { echo "apt-get install chromium failed; tests/test_report.py needs it" >&2; exit 1; }
+fi

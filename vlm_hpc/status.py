@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                               "overall": overall_line(statuses, num_rows)}))
         else:
             print(render(statuses, num_rows, layout, command), flush=True)
+            if layout.report_file.exists():  # the page of `python -m vlm_hpc.report`, as of when it was written
+                print(f"report: {layout.report_file}", flush=True)
         if args.watch is None:
             return 0
         if all(s.state in SETTLED for s in statuses):

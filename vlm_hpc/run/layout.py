@@ -20,6 +20,7 @@
     OUTPUT/.manifest.{pid}.tmp     the first start's manifest, linked into place (the first writer wins)
     OUTPUT/manifest.lock           held while a start updates the manifest
     OUTPUT/submissions.jsonl       one line per submit: cluster, --array, and each slice's job id
+    OUTPUT/report.html             the run's self-contained web page (python -m vlm_hpc.report)
     OUTPUT/{state,failures,manifest.json}.previous-{time}  another run's bookkeeping, set aside by submit --force
 
 Keys are untrusted. A key that is a plain safe file name is used as is; any other key is percent-encoded
@@ -155,6 +156,11 @@ class OutputLayout:
     def submissions_file(self) -> Path:
         """One JSON line per submission (status reads the latest Slurm job of each slice from it)."""
         return self.root / "submissions.jsonl"
+
+    @property
+    def report_file(self) -> Path:
+        """The page `python -m vlm_hpc.report` writes (status names it when it exists)."""
+        return self.root / "report.html"
 
     @property
     def manifest_file(self) -> Path:
