@@ -15,6 +15,7 @@ COMMANDS = {
     "worker": "vlm_hpc.worker",
     "status": "vlm_hpc.status",
     "verify": "vlm_hpc.verify",
+    "export": "vlm_hpc.export",
     "caption": "vlm_hpc.caption",
     "convert": "vlm_hpc.convert",
     "tiny-model": "vlm_hpc.tiny_model",
@@ -49,6 +50,8 @@ def command_main(command: str) -> Callable[[list[str] | None], int]:
             from vlm_hpc.status import main
         case "verify":
             from vlm_hpc.verify import main
+        case "export":
+            from vlm_hpc.export import main
         case "caption":
             from vlm_hpc.caption import main
         case "convert":
