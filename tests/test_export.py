@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import datasets
@@ -259,3 +260,21 @@ def test_a_reader_without_columns_refuses_extra_columns_and_still_gives_web_capt
                                           "export extra input columns; export without --columns"):
         reader.columns(0, 3, ["url"])
     assert reader.web_captions(1, 9) == ["web 1", "web 2"]
+
+
+def test_a_run_with_lost_or_corrupt_outputs_is_refused_naming_what_to_run(
+        runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    output = tmp_path / "out"
+    shutil.copytree(runs["json"], output)
+    (output / "captions" / "e.json").unlink()  # row 4, committed
+    assert run_export(output, "--to", "parquet", tmp_path / "dest") == 2
+    # Slice 0 is whole and its shard kept for the next try; the error is the last line.
+    assert capsys.readouterr().err.splitlines() == [
+        "slice 0: wrote part-00000.parquet (4 rows: 2 captioned, 2 failed, 0 pending)",
+        f"error: export: slice 1 of {output} has 1 committed rows whose caption or ledger line is lost or damaged (row "
+        f"4 key 'e'); see what python -m vlm_hpc.verify {output} reports and mend it before exporting"]
+    assert not json.loads((tmp_path / "dest" / "_export.json").read_text())["complete"]
+    (output / "state" / "slice_00000.json").write_text("{")
+    err = refused(capsys, output, "--to", "parquet", tmp_path / "dest")
+    assert "slice_00000.json is corrupt" in err
+    assert err.endswith(f"; rebuild it with: python -m vlm_hpc.verify {output} --repair\n")
