@@ -29,7 +29,7 @@ def test_a_command_runs_its_main_with_the_rest_of_the_line(tmp_path: Path, capsy
 
 def test_unknown_or_missing_commands_are_refused(capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["stats"]) == 2
-    assert "unknown command 'stats'; choose one of submit, worker, status, verify, report, caption, convert, " \
+    assert "unknown command 'stats'; choose one of submit, worker, status, verify, report, export, caption, convert, " \
         "tiny-model" in capsys.readouterr().err
     assert cli.main([]) == 2
     assert cli.main(["--help"]) == 0 and capsys.readouterr().out.startswith("usage: vlm-hpc {submit,")

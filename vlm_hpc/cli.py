@@ -16,6 +16,7 @@ COMMANDS = {
     "status": "vlm_hpc.status",
     "verify": "vlm_hpc.verify",
     "report": "vlm_hpc.report",
+    "export": "vlm_hpc.export",
     "caption": "vlm_hpc.caption",
     "convert": "vlm_hpc.convert",
     "tiny-model": "vlm_hpc.tiny_model",
@@ -52,6 +53,8 @@ def command_main(command: str) -> Callable[[list[str] | None], int]:
             from vlm_hpc.verify import main
         case "report":
             from vlm_hpc.report import main
+        case "export":
+            from vlm_hpc.export import main
         case "caption":
             from vlm_hpc.caption import main
         case "convert":

@@ -23,6 +23,8 @@
     OUTPUT/report.html             the run's self-contained web page (python -m vlm_hpc.report)
     OUTPUT/{state,failures,manifest.json}.previous-{time}  another run's bookkeeping, set aside by submit --force
 
+An export of a run (`python -m vlm_hpc.export`) writes its own folder, DEST, named by `ExportLayout` below.
+
 Keys are untrusted. A key that is a plain safe file name is used as is; any other key is percent-encoded
 behind a leading "%" (so the encoding is reversible and cannot collide with a plain key), and encoded names
 longer than 200 bytes are split into nested folders. Nothing can land outside OUTPUT.
@@ -182,3 +184,67 @@ class OutputLayout:
     def set_aside(path: Path, suffix: str) -> Path:
         """Where `path` of a previous run is kept (`suffix`: when it was set aside)."""
         return path.with_name(f"{path.name}.previous-{suffix}")
+
+
+@dataclass(frozen=True)
+class ExportLayout:
+    """Paths inside an export's destination folder (DEST of `python -m vlm_hpc.export`). Bookkeeping names begin
+    with "_" or ".", which readers of the folder skip (pyarrow's dataset discovery; datasets.load_from_disk reads
+    only what state.json lists).
+
+        DEST/part-{I}.parquet           slice I's rows, one per input row (--to parquet)
+        DEST/data-*.arrow, dataset_info.json, state.json
+                                        the dataset as datasets.save_to_disk writes it (--to datasets)
+        DEST/.parts/part-{I}.arrow      slice I's rows (--to datasets) until the dataset is built from them
+        DEST/.building/                 datasets.save_to_disk's folder, its files moved into DEST once complete
+        DEST/.part-{I}.parquet.tmp, DEST/.parts/.part-{I}.arrow.tmp
+                                        a shard being written, renamed into place when complete
+        DEST/_export.json               the run and options exported, which shards are complete, whether all is
+        DEST/_export.lock               held while an export writes DEST
+    """
+
+    root: Path
+
+    @staticmethod
+    def shard_name(slice_id: int, extension: str) -> str:
+        return f"part-{slice_id:05d}.{extension}"
+
+    def parquet_shard(self, slice_id: int) -> Path:
+        return self.root / self.shard_name(slice_id, "parquet")
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.root / ".parts"
+
+    def arrow_part(self, slice_id: int) -> Path:
+        return self.parts_dir / self.shard_name(slice_id, "arrow")
+
+    @staticmethod
+    def temporary(path: Path) -> Path:
+        """Where `path` is written before it is renamed into place."""
+        return path.with_name(f".{path.name}.tmp")
+
+    @property
+    def building_dir(self) -> Path:
+        return self.root / ".building"
+
+    @property
+    def dataset_info_file(self) -> Path:
+        return self.root / "dataset_info.json"
+
+    @property
+    def dataset_state_file(self) -> Path:
+        return self.root / "state.json"
+
+    @staticmethod
+    def dataset_data_files(folder: Path) -> list[Path]:
+        """The Arrow files datasets.save_to_disk wrote in `folder`, in order."""
+        return sorted(folder.glob("data-*-of-*.arrow"))
+
+    @property
+    def record_file(self) -> Path:
+        return self.root / "_export.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "_export.lock"

@@ -35,6 +35,9 @@ class ArrowFileReader(TableReader):
     def describe(self) -> str:
         return str(self.path)
 
+    def schema(self) -> pa.Schema:
+        return self.table.schema
+
     def _table(self, start: int, stop: int, columns: list[str]) -> pa.Table:
         return self.table.slice(start, stop - start).select(columns)
 

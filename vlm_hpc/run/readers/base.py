@@ -93,6 +93,18 @@ class RowReader(ABC):
         """Only the keys of rows [start, stop), as text: cheap, for verification."""
         return [None if k is None else str(k) for k in self.key_array(start, stop).to_pylist()]
 
+    def columns(self, start: int, stop: int, names: list[str]) -> pa.Table:
+        """Input columns `names` of rows [start, stop) (clipped to the input) as Arrow data, for an export's extra
+        columns; one error naming an unknown column and the columns there are. A format that cannot give
+        arbitrary columns keeps this default, which refuses."""
+        raise VlmHpcError(f"export: {self.describe()} is read by the {self.format!r} reader, which cannot export "
+                          "extra input columns; export without --columns")
+
+    def web_captions(self, start: int, stop: int) -> list[str | None]:
+        """The web captions of rows [start, stop) (clipped), as text. This default reads whole rows, images
+        included; a format that can read the caption column alone overrides it."""
+        return [row.web_caption for row in self.read(start, stop)]
+
     def image_sizes(self, start: int, stop: int) -> np.ndarray:
         """What `_image_sizes` describes, for rows [start, stop) clipped to the input (int64)."""
         stop = min(stop, self.num_rows)

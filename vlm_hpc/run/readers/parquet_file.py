@@ -39,6 +39,9 @@ class ParquetFileReader(TableReader):
     def describe(self) -> str:
         return str(self.path)
 
+    def schema(self) -> pa.Schema:
+        return self.parquet.schema_arrow
+
     def _overlapping_groups(self, start: int, stop: int) -> range:
         first = bisect.bisect_right(self.offsets, start) - 1
         return range(first, bisect.bisect_left(self.offsets, stop, lo=first + 1))

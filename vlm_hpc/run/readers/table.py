@@ -33,8 +33,27 @@ class TableReader(RowReader):
         return [Row(start + i, None if k is None else str(k), _image_bytes(img), None if c is None else str(c))
                 for i, (k, img, c) in enumerate(zip(keys, images, captions))]
 
+    @abstractmethod
+    def schema(self) -> pa.Schema:
+        """The input's columns and their types, read from its metadata alone."""
+
     def _key_array(self, start: int, stop: int) -> pa.ChunkedArray:
         return self._table(start, stop, [self.config.key_column]).column(self.config.key_column)
+
+    def columns(self, start: int, stop: int, names: list[str]) -> pa.Table:
+        schema = self.schema()
+        for name in names:
+            if name not in schema.names:
+                raise VlmHpcError(f"export: column {name!r} is not in {self.describe()}; its columns are "
+                                  f"{', '.join(schema.names)}; name only those in --columns")
+        stop = min(stop, self.num_rows)
+        if start >= stop:  # an empty slice: _table is only called for a non-empty range
+            return pa.schema([schema.field(name) for name in names]).empty_table()
+        return self._table(start, stop, names)
+
+    def web_captions(self, start: int, stop: int) -> list[str | None]:
+        column = self.config.caption_column
+        return [None if c is None else str(c) for c in self.columns(start, stop, [column]).column(column).to_pylist()]
 
     def check_columns(self, names: list[str]) -> None:
         """One error naming the first configured column that is not among `names`, and the key to set."""
