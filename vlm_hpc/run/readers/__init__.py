@@ -15,6 +15,7 @@ from vlm_hpc.run.readers.base import Row, RowReader, existing_path, slice_finger
 from vlm_hpc.run.readers.datasets_folder import DatasetsFolderReader
 from vlm_hpc.run.readers.parquet_file import ParquetFileReader
 from vlm_hpc.run.readers.shards import InputsChanged, is_pattern
+from vlm_hpc.run.readers.webdataset import WebDatasetReader
 
 __all__ = ["READERS", "InputsChanged", "Row", "RowReader", "open_reader", "register_reader", "slice_fingerprint"]
 
@@ -23,6 +24,7 @@ READERS: dict[str, type[RowReader]] = {
     DatasetsFolderReader.format: DatasetsFolderReader,
     ArrowFileReader.format: ArrowFileReader,
     ParquetFileReader.format: ParquetFileReader,
+    WebDatasetReader.format: WebDatasetReader,
 }
 
 AUTO = "auto"
@@ -50,7 +52,7 @@ def open_reader(config: DataSection, cache_dir: Path | None = None) -> RowReader
         if not is_pattern(config.path):
             existing_path(config)
         raise VlmHpcError(f"data: auto cannot tell the format of {path}: it is not a datasets.save_to_disk folder, "
-                          "nor a .parquet/.arrow file, folder or pattern of them; set "
+                          "nor a .parquet/.arrow/.tar file, folder or pattern of them; set "
                           f"data.format ({', '.join(READERS)})")
     if config.format not in READERS:
         raise VlmHpcError(f"data.format is {config.format!r}; choose one of {', '.join([AUTO, *READERS])}")
