@@ -13,6 +13,7 @@ from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.readers.arrow_file import ArrowFileReader
 from vlm_hpc.run.readers.base import Row, RowReader, existing_path, slice_fingerprint
 from vlm_hpc.run.readers.datasets_folder import DatasetsFolderReader
+from vlm_hpc.run.readers.image_folder import ImageFolderReader
 from vlm_hpc.run.readers.parquet_file import ParquetFileReader
 from vlm_hpc.run.readers.shards import InputsChanged, is_pattern
 from vlm_hpc.run.readers.webdataset import WebDatasetReader
@@ -25,6 +26,7 @@ READERS: dict[str, type[RowReader]] = {
     ArrowFileReader.format: ArrowFileReader,
     ParquetFileReader.format: ParquetFileReader,
     WebDatasetReader.format: WebDatasetReader,
+    ImageFolderReader.format: ImageFolderReader,
 }
 
 AUTO = "auto"
@@ -52,7 +54,7 @@ def open_reader(config: DataSection, cache_dir: Path | None = None) -> RowReader
         if not is_pattern(config.path):
             existing_path(config)
         raise VlmHpcError(f"data: auto cannot tell the format of {path}: it is not a datasets.save_to_disk folder, "
-                          "nor a .parquet/.arrow/.tar file, folder or pattern of them; set "
+                          "a .parquet/.arrow/.tar file, folder or pattern of them, nor an image folder; set "
                           f"data.format ({', '.join(READERS)})")
     if config.format not in READERS:
         raise VlmHpcError(f"data.format is {config.format!r}; choose one of {', '.join([AUTO, *READERS])}")
