@@ -256,7 +256,8 @@ def test_img2dataset_webdataset_and_parquet_outputs_caption_end_to_end(
     assert all((tmp_path / "out_webdataset" / "inputs" / "tar_index" / f"{p.name}.parquet").exists() for p in tars)
 
 
-def test_a_tar_is_indexed_once_from_its_headers_and_later_starts_read_the_index(tmp_path: Path) -> None:
+def test_a_tar_is_indexed_once_from_its_headers_and_later_starts_read_the_index(tmp_path: Path, golden_model_dir: Path,
+                                                                                shared_engine) -> None:
     folder = tmp_path / "tars"
     folder.mkdir()
     for number, rows in enumerate(shards_of(ROWS)):
@@ -273,6 +274,12 @@ def test_a_tar_is_indexed_once_from_its_headers_and_later_starts_read_the_index(
     assert [(r.key, r.image, r.web_caption) for r in rows] == [
         ("img_05", ROWS[5][1], None), ("img_06", b"not an image", None), ("img_07", ROWS[7][1], "web 7"),
         ("dir/img_08", ROWS[8][1], "w")]
+    # Captioned, the sample whose image is no image is in the ledger and the task goes on; the key with a slash
+    # is a caption file under its encoded name.
+    output = caption_run(tmp_path, "tars", {"path": str(folder)}, golden_model_dir, shared_engine,
+                         output_format="json")
+    assert [(key, reason) for key, (reason, _) in ledger(output).items()] == [("img_06", "undecodable")]
+    assert (output / "captions" / "%dir%2Fimg_08.json").exists() and verify(output).captioned == 11
     # The index is all a later start needs of a tar: with the first header of tar 2 overwritten (same size and
     # mtime, so the shard is as listed), its rows are still found.
     status = (folder / "00002.tar").stat()
