@@ -115,7 +115,12 @@ def test_run_files_keep_their_names(tmp_path: Path) -> None:
         layout.submissions_file, layout.submitit_dir, layout.write_probe, layout.manifest_temporary(7),
         layout.manifest_lock, *layout.run_bookkeeping())] == [
         "submissions.jsonl", "logs/submitit", "state/.write_probe", ".manifest.7.tmp", "manifest.lock", "state",
-        "failures", "manifest.json"]
+        "failures", "manifest.json", "inputs"]
+    cache = layout.input_cache
+    assert [p.relative_to(tmp_path).as_posix() for p in (cache.shard_list, cache.tar_index("00000.tar"),
+                                                         cache.tar_index("a/b.tar"), cache.file_list)] == [
+        "inputs/shards.json", "inputs/tar_index/00000.tar.parquet", "inputs/tar_index/%a%2Fb%2Etar.parquet",
+        "inputs/files.parquet"]
     assert layout.set_aside(layout.manifest_file, "20260101-000000").name == "manifest.json.previous-20260101-000000"
 
 

@@ -47,14 +47,20 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    path: str = "./dataset"  # a datasets.save_to_disk folder, or a .parquet / .arrow file
-    # auto: a folder is a save_to_disk folder, else by suffix; or a reader's name (vlm_hpc.run.readers.READERS),
-    # checked when the data is opened, so that a registered reader needs no change here.
+    # A datasets.save_to_disk folder; a .parquet / .arrow / .tar file, a folder of them or a pattern of them
+    # (/data/laion/{00000..09999}.tar, shards/*.parquet), ordered by name; or a folder of image files.
+    path: str = "./dataset"
+    # auto: decided from what data.path holds; or a reader's name (vlm_hpc.run.readers.READERS: datasets, arrow,
+    # parquet, webdataset, images), checked when the data is opened, so that a registered reader needs no change.
     format: str = "auto"
     key_column: str = "new_key"
     image_column: str = "png"
     caption_column: str = "caption"
     limit: int | None = None  # use only the first N rows (the seed's TEST_CUTDOWN)
+    # webdataset: a sample's image is its first member with one of these extensions (image folders: these and
+    # gif, tif, tiff, bmp)
+    image_extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    caption_json_field: str | None = None  # webdataset: the web caption from this field of the .json, not the .txt
 
 
 @dataclass
@@ -155,6 +161,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if text.startswith("int | str"):  # a number or a word, e.g. generation.tile_budget: 384 | auto
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise VlmHpcError(f"{where} must be a number or a word, got {value!r}")
+        return value
+    if text.startswith("list"):  # a list of words, e.g. data.image_extensions: [jpg, png]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise VlmHpcError(f"{where} must be a list of words, e.g. [jpg, png], got {value!r}")
         return value
     if "dict" in text:
         if not isinstance(value, dict):

@@ -32,6 +32,7 @@ from vlm_hpc.run.checkpoint import CorruptCheckpoint, SliceCheckpoint
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import live_holder
 from vlm_hpc.run.manifest import ensure_manifest, load_manifest
+from vlm_hpc.run.readers import InputsChanged
 from vlm_hpc.run.repair import repair_command
 from vlm_hpc.run.slice_run import check_inputs, run_slice
 from vlm_hpc.run.stop import StopRequest, resend_time_limit_warning
@@ -210,7 +211,14 @@ def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: 
     if spec.indices[-1] >= count:
         raise VlmHpcError(f"--array {spec} names slice {spec.indices[-1]}, but the run has {count} slices "
                           f"(0..{count - 1}); pass --num-slices or a smaller --array")
-    rows, layout, pins = check_inputs(config, spec.indices[0], count)
+    try:
+        rows, layout, pins = check_inputs(config, spec.indices[0], count)
+    except InputsChanged:
+        if not (force and previous is not None):
+            raise
+        _set_aside_previous_run(layout)  # --force: the shard list of the run set aside is not this input's
+        previous = None
+        rows, layout, pins = check_inputs(config, spec.indices[0], count)
     if accept_changes and previous is not None:
         _refuse_changes_while_running(layout, rows, config, count, pins)
     if force and previous is not None:
@@ -218,6 +226,7 @@ def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: 
             ensure_manifest(layout, rows, config, count, pins, accept_changes=accept_changes, write=False)
         except VlmHpcError:
             _set_aside_previous_run(layout)
+            rows, layout, pins = check_inputs(config, spec.indices[0], count)  # without the set-aside shard list
     check = ensure_manifest(layout, rows, config, count, pins, accept_changes=accept_changes, write=False)
     todo, skipped = _pending_slices(layout, spec, config.worker.stale_lease_seconds)
     for line in skipped:

@@ -53,7 +53,7 @@ def _open_run(output: str | Path) -> tuple[OutputLayout, RunManifest, RowReader]
     if not layout.manifest_file.exists():
         raise VlmHpcError(f"verify: {layout.manifest_file} is missing; is {output} a vlm_hpc output folder?")
     manifest = load_manifest(layout.manifest_file)
-    return layout, manifest, open_reader(DataSection(**manifest.data))
+    return layout, manifest, open_reader(DataSection(**manifest.data), cache_dir=layout.inputs_dir)
 
 
 def _has_outputs(output: OutputFormat, rows: SliceKeys) -> bool:

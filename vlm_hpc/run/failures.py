@@ -10,6 +10,7 @@ from typing import Literal
 
 FailureReason = Literal[
     "missing",  # the image cell is empty (None)
+    "not_downloaded",  # img2dataset's status is not success (a failed download or resize): its error_message
     "empty",  # the image has zero bytes
     "undecodable",  # not an image, a corrupt header or pixel data, a zero dimension, truncated beyond repair
     "too_many_pixels",  # over the decompression-bomb limit (preprocess.decode.MAX_PIXELS)

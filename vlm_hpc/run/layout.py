@@ -21,7 +21,11 @@
     OUTPUT/manifest.lock           held while a start updates the manifest
     OUTPUT/submissions.jsonl       one line per submit: cluster, --array, and each slice's job id
     OUTPUT/report.html             the run's self-contained web page (python -m vlm_hpc.report)
-    OUTPUT/{state,failures,manifest.json}.previous-{time}  another run's bookkeeping, set aside by submit --force
+    OUTPUT/inputs/shards.json      the input's shard list (name, size, mtime, rows), made by the first start
+    OUTPUT/inputs/tar_index/{shard}.parquet  a webdataset tar's members (name, offset, size) from its headers
+    OUTPUT/inputs/files.parquet    an image folder's files in row order, listed by the first start
+    OUTPUT/{state,failures,manifest.json,inputs}.previous-{time}  another run's bookkeeping, set aside by
+                                   submit --force
 
 An export of a run (`python -m vlm_hpc.export`) writes its own folder, DEST, named by `ExportLayout` below.
 
@@ -59,6 +63,26 @@ def relpath_to_key(relpath: str) -> str:
     parts = relpath.split("/")
     encoded = "".join([part[:-1] for part in parts[:-1]] + [parts[-1]])
     return unquote(encoded[1:], errors="surrogatepass")
+
+
+@dataclass(frozen=True)
+class InputCache:
+    """What readers learn of the input once and keep (OUTPUT/inputs/ of a run): later starts read it instead of
+    opening every shard."""
+
+    root: Path
+
+    @property
+    def shard_list(self) -> Path:
+        return self.root / "shards.json"
+
+    def tar_index(self, shard: str) -> Path:
+        """The member index of tar `shard` (its name relative to the shards' folder)."""
+        return self.root / "tar_index" / f"{key_to_relpath(shard)}.parquet"
+
+    @property
+    def file_list(self) -> Path:
+        return self.root / "files.parquet"
 
 
 @dataclass(frozen=True)
@@ -176,9 +200,18 @@ class OutputLayout:
     def manifest_lock(self) -> Path:
         return self.root / "manifest.lock"
 
+    @property
+    def inputs_dir(self) -> Path:
+        """The input cache (`InputCache`): shard list, tar indexes, an image folder's file list."""
+        return self.root / "inputs"
+
+    @property
+    def input_cache(self) -> InputCache:
+        return InputCache(self.inputs_dir)
+
     def run_bookkeeping(self) -> list[Path]:
         """What ties the folder to one run: set aside, not deleted, when submit --force reuses it for another."""
-        return [self.state_dir, self.failures_dir, self.manifest_file]
+        return [self.state_dir, self.failures_dir, self.manifest_file, self.inputs_dir]
 
     @staticmethod
     def set_aside(path: Path, suffix: str) -> Path:

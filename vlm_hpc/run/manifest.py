@@ -46,6 +46,7 @@ class RunManifest:
     slice_fingerprints: dict[str, str] = field(default_factory=dict)  # slice -> slice_fingerprint of its rows
     pinned: dict = field(default_factory=dict)  # PinnedSettings.to_dict()
     accepted_changes: list[dict] = field(default_factory=list)  # {time, slice, differences, finished_rows}
+    input_shards: str = ""  # RowReader.shard_list_digest of a sharded input ("": one file, or an older manifest)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def scan_dataset(rows: RowReader, num_slices: int) -> tuple[dict[str, int], dict
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "dataset_fingerprint": str, "data_path": str, "num_rows": int, "num_slices": int, "output_format": str,
     "data": dict, "created_at": (int, float), "duplicate_rows": dict, "slice_fingerprints": dict, "pinned": dict,
-    "accepted_changes": list,
+    "accepted_changes": list, "input_shards": str,
 }
 
 
@@ -126,6 +127,10 @@ def _check_same_run(layout: OutputLayout, existing: RunManifest, rows: RowReader
     if existing.dataset_fingerprint != rows.fingerprint() or existing.num_rows != rows.num_rows:
         problems.append(f"the dataset differs ({existing.data_path}, {existing.num_rows} rows then; "
                         f"{config.data.path}, {rows.num_rows} rows now)")
+    shards = rows.shard_list_digest() or ""
+    if existing.input_shards and existing.input_shards != shards:
+        problems.append(f"its shards differ (shard list {existing.input_shards} then, {shards or 'none'} now: a shard "
+                        "was added, removed, resized or re-counted)")
     if existing.output_format != config.output.format:
         problems.append(f"its output.format is {existing.output_format}, not {config.output.format}")
     if existing.num_slices != num_slices and not problems:  # the same run, asked with another slice count
@@ -203,7 +208,7 @@ def planned_manifest(layout: OutputLayout, rows: RowReader, config: RunConfig, n
     return RunManifest(dataset_fingerprint=rows.fingerprint(), data_path=config.data.path,
                        num_rows=rows.num_rows, num_slices=num_slices, output_format=config.output.format,
                        data=asdict(config.data), duplicate_rows=duplicates, slice_fingerprints=fingerprints,
-                       pinned=pins.to_dict())
+                       pinned=pins.to_dict(), input_shards=rows.shard_list_digest() or "")
 
 
 def _create(layout: OutputLayout, manifest: RunManifest) -> RunManifest | None:

@@ -61,6 +61,9 @@ def prepare_row(row: Row, max_num: int, skip_truncated: bool, duplicate_of: int 
     if row.key is None or row.key == "":
         prepared.failure, prepared.detail = "missing_key", "the key cell is empty"
         return prepared
+    if row.failure is not None:  # the input itself says there is no image (e.g. img2dataset's failed downloads)
+        prepared.failure, prepared.detail = row.failure, row.detail
+        return prepared
     if duplicate_of is not None:
         prepared.failure, prepared.detail = "duplicate_key", f"row {duplicate_of} has the same key and is captioned"
         return prepared

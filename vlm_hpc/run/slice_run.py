@@ -153,9 +153,9 @@ def check_inputs(config: RunConfig, slice_id: int, count: int) -> tuple[RowReade
     """Everything that can be checked without the model: model folder, dataset and columns, output folder;
     returns the rows, the output folder and the settings this run pins."""
     folder = inspect_model_folder(config.model.path)
-    rows = open_reader(config.data)
-    slice_bounds(rows.num_rows, slice_id, count)
     layout = OutputLayout(Path(config.output.dir))
+    rows = open_reader(config.data, cache_dir=layout.inputs_dir)  # the shard list is made once, kept there
+    slice_bounds(rows.num_rows, slice_id, count)
     try:
         layout.state_dir.mkdir(parents=True, exist_ok=True)
         probe = layout.write_probe

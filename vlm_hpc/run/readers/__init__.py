@@ -13,15 +13,20 @@ from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.readers.arrow_file import ArrowFileReader
 from vlm_hpc.run.readers.base import Row, RowReader, existing_path, slice_fingerprint
 from vlm_hpc.run.readers.datasets_folder import DatasetsFolderReader
+from vlm_hpc.run.readers.image_folder import ImageFolderReader
 from vlm_hpc.run.readers.parquet_file import ParquetFileReader
+from vlm_hpc.run.readers.shards import InputsChanged, is_pattern
+from vlm_hpc.run.readers.webdataset import WebDatasetReader
 
-__all__ = ["READERS", "Row", "RowReader", "open_reader", "register_reader", "slice_fingerprint"]
+__all__ = ["READERS", "InputsChanged", "Row", "RowReader", "open_reader", "register_reader", "slice_fingerprint"]
 
 # data.format word -> reader; data.format auto asks them in this order which one claims data.path.
 READERS: dict[str, type[RowReader]] = {
     DatasetsFolderReader.format: DatasetsFolderReader,
     ArrowFileReader.format: ArrowFileReader,
     ParquetFileReader.format: ParquetFileReader,
+    WebDatasetReader.format: WebDatasetReader,
+    ImageFolderReader.format: ImageFolderReader,
 }
 
 AUTO = "auto"
@@ -37,16 +42,24 @@ def register_reader(reader: type[RowReader]) -> type[RowReader]:
     return reader
 
 
-def open_reader(config: DataSection) -> RowReader:
+def open_reader(config: DataSection, cache_dir: Path | None = None) -> RowReader:
     """Open the configured input with the reader data.format names (auto: the one that claims data.path),
-    checking its columns; one error line when the input or the format is wrong."""
+    checking its columns; one error line when the input or the format is wrong. `cache_dir` is where readers
+    that keep a shard list or tar indexes keep them (a run's OUTPUT/inputs/; None: worked out anew)."""
     if config.format == AUTO:
         path = Path(config.path)
         for reader in READERS.values():
             if reader.claims(path):
-                return reader(config)
-        existing_path(config)
-        raise VlmHpcError(f"data: {path} is neither a datasets folder nor a .parquet/.arrow file")
+                return _open(reader, config, cache_dir)
+        if not is_pattern(config.path):
+            existing_path(config)
+        raise VlmHpcError(f"data: auto cannot tell the format of {path}: it is not a datasets.save_to_disk folder, "
+                          "a .parquet/.arrow/.tar file, folder or pattern of them, nor an image folder; set "
+                          f"data.format ({', '.join(READERS)})")
     if config.format not in READERS:
         raise VlmHpcError(f"data.format is {config.format!r}; choose one of {', '.join([AUTO, *READERS])}")
-    return READERS[config.format](config)
+    return _open(READERS[config.format], config, cache_dir)
+
+
+def _open(reader: type[RowReader], config: DataSection, cache_dir: Path | None) -> RowReader:
+    return reader(config, cache_dir=cache_dir) if reader.caches_inputs else reader(config)

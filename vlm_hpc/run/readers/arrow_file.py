@@ -1,4 +1,5 @@
-"""data.format arrow: one Arrow IPC file (stream or file format), memory-mapped: rows are read in place."""
+"""data.format arrow: Arrow IPC files (stream or file format; one, a folder of them, or a pattern; see
+`shards`), memory-mapped when a range touches them: rows are read in place."""
 
 from __future__ import annotations
 
@@ -7,42 +8,38 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from vlm_hpc.config import DataSection
 from vlm_hpc.errors import VlmHpcError
-from vlm_hpc.run.readers.base import existing_path
-from vlm_hpc.run.readers.table import TableReader
+from vlm_hpc.run.readers.shards import is_pattern
+from vlm_hpc.run.readers.table import ShardedTableReader
 
 
-class ArrowFileReader(TableReader):
-    """Rows of memory-mapped Arrow files, concatenated in order (a single `.arrow` file here)."""
+class ArrowFileReader(ShardedTableReader):
+    """Rows of memory-mapped Arrow files, concatenated in name order."""
 
     format = "arrow"
-
-    def __init__(self, config: DataSection) -> None:
-        self.path = existing_path(config)
-        self.table = memory_mapped_table(self.arrow_files())
-        super().__init__(config, self.table.num_rows)
-        self.check_columns(self.table.column_names)
+    kind = "Arrow"
+    suffixes = (".arrow",)
 
     @classmethod
     def claims(cls, path: Path) -> bool:
-        return path.is_file() and path.suffix == ".arrow"
+        if path.is_dir():  # a save_to_disk folder holds .arrow files too: its state.json makes it `datasets`
+            return not (path / "state.json").exists() and any(p.suffix == ".arrow" for p in path.iterdir())
+        return path.suffix == ".arrow" and (path.is_file() or is_pattern(str(path)))
 
-    def arrow_files(self) -> list[Path]:
-        """The files holding the rows, in row order."""
-        return [self.path]
+    def _schema(self, path: Path) -> pa.Schema:
+        return memory_mapped_table([path]).schema
 
-    def describe(self) -> str:
-        return str(self.path)
+    def _row_count(self, path: Path) -> int:
+        return memory_mapped_table([path]).num_rows
 
-    def schema(self) -> pa.Schema:
-        return self.table.schema
+    def _open_shard(self, path: Path) -> pa.Table:
+        return memory_mapped_table([path])
 
-    def _table(self, start: int, stop: int, columns: list[str]) -> pa.Table:
-        return self.table.slice(start, stop - start).select(columns)
+    def _shard_table(self, index: int, start: int, stop: int, columns: list[str]) -> pa.Table:
+        return self.opened(index).slice(start, stop - start).select(columns)
 
-    def _image_sizes(self, start: int, stop: int) -> np.ndarray:
-        return self.byte_lengths(self.table.column(self.config.image_column).slice(start, stop - start))
+    def _shard_image_sizes(self, index: int, start: int, stop: int) -> np.ndarray:
+        return self.byte_lengths(self.opened(index).column(self.config.image_column).slice(start, stop - start))
 
 
 def memory_mapped_table(files: list[Path]) -> pa.Table:

@@ -27,12 +27,16 @@ from vlm_hpc.errors import VlmHpcError
 @dataclass(frozen=True)
 class Row:
     """One input row: its global row number, web key, raw image bytes (None if the cell is empty) and the
-    caption that came with the image from the web (None if there is none)."""
+    caption that came with the image from the web (None if there is none). `failure` is set where the input
+    itself says the row has no image to caption (a FailureReason, e.g. img2dataset's failed downloads), with
+    `detail` for the ledger."""
 
     row: int
     key: str | None
     image: bytes | None
     web_caption: str | None
+    failure: str | None = None
+    detail: str = ""
 
 
 # Rows per read in a fingerprint pass; a fixed piecing keeps Parquet's per-row-group description identical.
@@ -47,6 +51,9 @@ class RowReader(ABC):
     """
 
     format: ClassVar[str]  # its data.format word
+    # Readers that keep what they learn of the input (a shard list, tar indexes) take `cache_dir` as a keyword:
+    # open_reader passes the run's input cache folder (vlm_hpc.run.layout.InputCache) to them only.
+    caches_inputs: ClassVar[bool] = False
 
     def __init__(self, config: DataSection, total_rows: int) -> None:
         self.config = config
@@ -110,6 +117,11 @@ class RowReader(ABC):
         stop = min(stop, self.num_rows)
         return self._image_sizes(start, stop) if start < stop else np.zeros(0, np.int64)
 
+    def shard_list_digest(self) -> str | None:
+        """A digest of the shard list this reader reads (names, sizes, row counts; not their location), which
+        the manifest records so that a changed list is seen; None for a reader that keeps no shard list."""
+        return None
+
     def fingerprint(self) -> str:
         """Identifies the input by content, not location (nodes may mount it elsewhere): columns, row count and
         the first and last keys (no full scan)."""
@@ -124,9 +136,17 @@ def existing_path(config: DataSection) -> Path:
     """data.path, which must exist; else the one error that says so."""
     path = Path(config.path)
     if not path.exists():
-        raise VlmHpcError(f"data: {path} does not exist; set data.path to a datasets.save_to_disk folder "
-                          "or a .parquet/.arrow file")
+        raise VlmHpcError(f"data: {path} does not exist; set data.path to a datasets.save_to_disk folder, a "
+                          ".parquet/.arrow/.tar file, a folder or glob of them, or an image folder")
     return path
+
+
+def download_failure(status: str | None, error: str | None) -> dict:
+    """img2dataset's verdict on a row as Row fields: a status other than success (failed_to_download,
+    failed_to_resize) puts the row in the ledger as not_downloaded, with img2dataset's error message."""
+    if status is None or status == "success":
+        return {}
+    return dict(failure="not_downloaded", detail=f"img2dataset {status}: {error or 'no error message'}")
 
 
 def slice_fingerprint(reader: RowReader, start: int, stop: int,
