@@ -34,3 +34,10 @@ def test_engine_benchmark_smoke_mode(tmp_path: Path) -> None:
     result = run(str(BENCHMARKS / "engine.py"), "--smoke", "--json", str(tmp_path / "e.json"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "e.json").exists() and "vs base" in result.stdout
+
+
+def test_shards_benchmark_smoke_mode(tmp_path: Path) -> None:
+    result = run(str(BENCHMARKS / "shards.py"), "--smoke", "--json", str(tmp_path / "s.json"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "s.json").exists()
+    assert result.stdout.strip().splitlines()[-1].startswith("50 shards: last slice opens ")
