@@ -157,6 +157,9 @@ def test_missing_model_column_or_bad_config_is_one_line_before_any_model_load(go
         (write_config(tmp_path / "a.yaml", tmp_path / "no_model", data, tmp_path / "o1"), [], "model:"),
         (write_config(tmp_path / "b.yaml", golden_model_dir, data, tmp_path / "o2", data={"image_column": "jpg"}),
          [], "column 'jpg'"),
+        # Text as the image column would fail every row as missing and verify OK with no caption: refused.
+        (write_config(tmp_path / "e.yaml", golden_model_dir, data, tmp_path / "o5", data={"image_column": "caption"}),
+         [], "column 'caption' (data.image_column) of"),
         (write_config(tmp_path / "c.yaml", golden_model_dir, data, tmp_path / "o3"), ["generation.batchsize=3"],
          "did you mean 'batch_size'"),
         (write_config(tmp_path / "d.yaml", golden_model_dir, tmp_path / "nodata", tmp_path / "o4"), [], "data:"),

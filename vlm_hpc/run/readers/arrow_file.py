@@ -22,7 +22,7 @@ class ArrowFileReader(TableReader):
         self.path = existing_path(config)
         self.table = memory_mapped_table(self.arrow_files())
         super().__init__(config, self.table.num_rows)
-        self.check_columns(self.table.column_names)
+        self.check_columns(self.table.schema)
 
     @classmethod
     def claims(cls, path: Path) -> bool:

@@ -30,7 +30,7 @@ class ParquetFileReader(TableReader):
         for group in range(self.parquet.num_row_groups):
             self.offsets.append(self.offsets[-1] + self.parquet.metadata.row_group(group).num_rows)
         super().__init__(config, self.offsets[-1])
-        self.check_columns(self.parquet.schema_arrow.names)
+        self.check_columns(self.parquet.schema_arrow)
 
     @classmethod
     def claims(cls, path: Path) -> bool:
