@@ -1,8 +1,8 @@
 """`python -m vlm_hpc.status OUTPUT [--json] [--watch [SECONDS]]`: where every slice of a run stands.
 
 Per slice: state (pending, running, stalled, stopped, requeued, done, crashed), rows done/total, failed
-rows, rate, ETA and heartbeat age; then totals and the `--array` that resubmits what is incomplete. Slurm is
-asked once per call (one squeue), never per task.
+rows, rate, ETA and heartbeat age; then the rows by outcome and the `--array` that resubmits what is
+incomplete. Slurm is asked once per call (one squeue), never per task.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.array_spec import format_indices
 from vlm_hpc.errors import VlmHpcError, print_error
 from vlm_hpc.run.checkpoint import CorruptCheckpoint, SliceCheckpoint
+from vlm_hpc.run.failures import OutcomeCounts
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import heartbeat_age, read_lease
 from vlm_hpc.run.manifest import load_manifest
@@ -33,7 +34,7 @@ class SliceStatus:
     state: str
     rows_done: int
     rows_total: int
-    failed_rows: int
+    outcomes: OutcomeCounts  # its finished rows: captioned (warned among them) and failed, by reason
     rate: float | None  # rows/s of the current or last attempt
     eta_s: float | None
     heartbeat_age_s: float | None
@@ -86,14 +87,14 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
         try:
             state = SliceCheckpoint.load(layout.checkpoint_file(slice_id))
         except CorruptCheckpoint as exc:
-            statuses.append(SliceStatus(slice_id, "corrupt", 0, total, 0, None, None, None, slurm_state,
-                                        f"{exc.problem}; run: {repair_command(layout)}"))
+            statuses.append(SliceStatus(slice_id, "corrupt", 0, total, OutcomeCounts(), None, None, None,
+                                        slurm_state, f"{exc.problem}; run: {repair_command(layout)}"))
             continue
         lease = read_lease(layout.lease_file(slice_id))
         heartbeat = heartbeat_age(lease)
         if state is None:
-            statuses.append(SliceStatus(slice_id, "running" if slurm_state == "RUNNING" else "pending", 0, total, 0,
-                                        None, None, heartbeat, slurm_state, None))
+            statuses.append(SliceStatus(slice_id, "running" if slurm_state == "RUNNING" else "pending", 0, total,
+                                        OutcomeCounts(), None, None, heartbeat, slurm_state, None))
             continue
         name, reason = state.status, state.stop_reason
         if name == "running" and (lease is None or lease.get("released")):
@@ -107,7 +108,7 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
         done_this_attempt = state.finished_rows - state.rows_at_start
         rate = done_this_attempt / elapsed if elapsed > 0 and done_this_attempt > 0 else None
         eta = (state.total - state.finished_rows) / rate if rate and name not in ("done",) else None
-        statuses.append(SliceStatus(slice_id, name, state.finished_rows, state.total, state.failures, rate, eta,
+        statuses.append(SliceStatus(slice_id, name, state.finished_rows, state.total, state.outcomes(), rate, eta,
                                     heartbeat, slurm_state, reason))
     return statuses, num_rows
 
@@ -119,15 +120,17 @@ def render(statuses: list[SliceStatus], num_rows: int) -> str:
         beat = f"{s.heartbeat_age_s:.0f}s" if s.heartbeat_age_s is not None else "-"
         rate = f"{s.rate:.2f}" if s.rate is not None else "-"
         note = f"  ({s.reason})" if s.reason and s.state not in ("done", "running") else ""
-        lines.append(f"{s.slice:>5} {s.state:<9} {f'{s.rows_done}/{s.rows_total}':>15} {s.failed_rows:>6} "
+        lines.append(f"{s.slice:>5} {s.state:<9} {f'{s.rows_done}/{s.rows_total}':>15} {s.outcomes.failed:>6} "
                      f"{rate:>7} {eta:>9} {beat:>9}  {s.slurm or '-'}{note}")
     counts: dict[str, int] = {}
     for s in statuses:
         counts[s.state] = counts.get(s.state, 0) + 1
     done_rows = sum(s.rows_done for s in statuses)
-    lines.append(f"total: {done_rows}/{num_rows} rows ({100 * done_rows / max(num_rows, 1):.1f}%), "
-                 f"{sum(s.failed_rows for s in statuses)} failed; slices: "
-                 + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    outcomes = OutcomeCounts()
+    for s in statuses:
+        outcomes.merge(s.outcomes)
+    lines.append(f"total: {done_rows}/{num_rows} rows ({100 * done_rows / max(num_rows, 1):.1f}%): "
+                 f"{outcomes.describe()}; slices: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     incomplete = resubmit_indices(statuses)
     if incomplete:
         lines.append("resubmit what is incomplete: python -m vlm_hpc.submit --config ... "

@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 
 import submitit
@@ -25,6 +26,7 @@ from vlm_hpc.cluster.array_spec import ArraySpec, format_indices, parse_array, s
 from vlm_hpc.config import RunConfig, load_config
 from vlm_hpc.errors import VlmHpcError, print_error
 from vlm_hpc.run.checkpoint import CorruptCheckpoint, SliceCheckpoint
+from vlm_hpc.run.failures import OutcomeCounts
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import live_holder
 from vlm_hpc.run.manifest import ensure_manifest, load_manifest
@@ -57,7 +59,7 @@ class SliceJob(submitit.helpers.Checkpointable):
         finally:
             stop_request.uninstall()
         summary = {"slice": slice_id, "status": outcome.status, "reason": outcome.reason,
-                   "captions": outcome.checkpoint.captions, "failures": outcome.checkpoint.failures}
+                   "outcomes": asdict(outcome.checkpoint.outcomes())}
         under_slurm = submitit.JobEnvironment().cluster == "slurm"
         if outcome.status == "requeued" and under_slurm:
             resend_time_limit_warning()  # submitit's handler requeues this task and exits
@@ -235,15 +237,17 @@ def main(argv: list[str] | None = None) -> int:
         return print_error(exc)
     if not args.wait or not jobs:
         return 0
-    failed = 0
+    failed, total = 0, OutcomeCounts()
     for job in jobs:
         try:
             summary = job.result()
-            print(f"slice {summary['slice']}: {summary['status']}, {summary['captions']} captions, "
-                  f"{summary['failures']} failures")
+            outcomes = OutcomeCounts(**summary["outcomes"])
+            total.merge(outcomes)
+            print(f"slice {summary['slice']}: {summary['status']}: {outcomes.describe()}")
         except Exception as exc:  # a task that was stopped, cancelled or crashed
             failed += 1
             print(f"job {job.job_id}: not finished ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+    print(f"total: {total.describe()}" + (f"; {failed} slices not finished" if failed else ""))
     return 1 if failed else 0
 
 

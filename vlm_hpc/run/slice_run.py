@@ -326,7 +326,7 @@ class SliceRun:
         if status == "done":
             self.writer.write_fenced(self.layout.end_marker(self.slice_id),
                                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-            self.log.info(f"done: {state.captions} captions, {state.failures} failures")
+            self.log.info(f"done: {state.outcomes().describe()}")
         else:
             self.log.info(f"{status} ({reason}) with {state.finished_rows}/{state.total} rows done")
         return SliceOutcome(status, reason, state)
