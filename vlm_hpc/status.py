@@ -1,8 +1,9 @@
 """`python -m vlm_hpc.status OUTPUT [--json] [--watch [SECONDS]]`: where every slice of a run stands.
 
 Per slice: state (pending, running, stalled, stopped, requeued, done, crashed), rows done/total, failed
-rows, rate, ETA and heartbeat age; then the rows by outcome and the `--array` that resubmits what is
-incomplete. Slurm is asked once per call (one squeue), never per task.
+rows, rate, ETA and heartbeat age; then the rows by outcome and the `--array` that resubmits what is incomplete
+(a slice that crashed on an error a resubmission repeats is listed apart: fix it first). Slurm is asked once
+per call (one squeue), never per task.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.array_spec import format_indices
 from vlm_hpc.errors import VlmHpcError, print_error
-from vlm_hpc.run.checkpoint import CorruptCheckpoint, SliceCheckpoint
+from vlm_hpc.run.checkpoint import WILL_CRASH_AGAIN, CorruptCheckpoint, SliceCheckpoint
 from vlm_hpc.run.failures import OutcomeCounts
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import heartbeat_age, read_lease
@@ -40,6 +41,19 @@ class SliceStatus:
     heartbeat_age_s: float | None
     slurm: str | None  # the Slurm state of its latest array task, when it has one
     reason: str | None
+    will_crash_again: bool = False  # crashed on an error a resubmission repeats (the reason says which)
+
+
+@dataclass(frozen=True)
+class LoggedCrash:
+    """A crash as the slice log records it."""
+
+    reason: str
+    time: float | None  # when it was logged, in seconds since the epoch
+
+    @property
+    def will_crash_again(self) -> bool:
+        return self.reason.startswith(WILL_CRASH_AGAIN)
 
 
 def _latest_jobs(layout: OutputLayout) -> dict[int, str]:
@@ -56,17 +70,34 @@ def _latest_jobs(layout: OutputLayout) -> dict[int, str]:
     return jobs
 
 
-def _crash_in_log(path: Path) -> str | None:
-    """The reason in the last attempt's "crashed: ..." log line, if it has one."""
+# Lines of the slice log that say how an attempt began or ended; the last of them is the slice's latest news.
+_EVENTS = (" | start: ", " | crashed: ", " | done: ", " | stopped (", " | requeued (", " | stopping: ")
+
+
+def _logged_time(line: str) -> float | None:
+    """When a log line was written: its asctime prefix, local time as the worker wrote it."""
+    try:
+        return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
+    except ValueError:
+        return None
+
+
+def _crash_in_log(path: Path) -> LoggedCrash | None:
+    """The slice log's "crashed: REASON" line (REASON: the exception line, or what to fix), when it is the log's
+    last event: a later start, stop or end means the slice went on."""
     try:
         with open(path, "rb") as handle:
             handle.seek(max(0, handle.seek(0, 2) - 65536))
-            text = handle.read().decode(errors="replace")
+            lines = handle.read().decode(errors="replace").splitlines()
     except OSError:
         return None
-    last_attempt = text.rsplit(" start: ", 1)[-1]
-    crashes = [line.split("crashed: ", 1)[1] for line in last_attempt.splitlines() if "| crashed: " in line]
-    return crashes[-1].strip() if crashes else None
+    events = [i for i, line in enumerate(lines) if any(event in line for event in _EVENTS)]
+    if not events:
+        return None
+    last = lines[events[-1]]
+    if " | crashed: " not in last:
+        return None
+    return LoggedCrash(last.split(" | crashed: ", 1)[1].strip(), _logged_time(last))
 
 
 def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
@@ -92,14 +123,25 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
             continue
         lease = read_lease(layout.lease_file(slice_id))
         heartbeat = heartbeat_age(lease)
+        unheld = lease is None or bool(lease.get("released"))
+        crash = _crash_in_log(layout.log_file(slice_id)) if unheld and (state is None or state.status != "done") \
+            else None
+        # A start refused before it could write the index (config, device) is recorded in the log alone; its
+        # crash is news when it came after the index's last write and no task of the slice is queued or running.
+        refused = crash is not None and slurm_state not in ("PENDING", "RUNNING") and (
+            state is None or (crash.time or 0) > (state.updated_at or 0))
         if state is None:
-            statuses.append(SliceStatus(slice_id, "running" if slurm_state == "RUNNING" else "pending", 0, total,
-                                        OutcomeCounts(), None, None, heartbeat, slurm_state, None))
+            name = "crashed" if refused else "running" if slurm_state == "RUNNING" else "pending"
+            statuses.append(SliceStatus(slice_id, name, 0, total, OutcomeCounts(), None, None, heartbeat, slurm_state,
+                                        crash.reason if refused else None, refused and crash.will_crash_again))
             continue
-        name, reason = state.status, state.stop_reason
-        if name == "running" and (lease is None or lease.get("released")):
+        name, reason, again = state.status, state.stop_reason, state.will_crash_again
+        if name == "running" and unheld:
             # The worker ended without recording why (its index could not be written): its log may say.
-            name, reason = "crashed", _crash_in_log(layout.log_file(slice_id)) or "ended without recording why"
+            name, reason, again = "crashed", crash.reason if crash else "ended without recording why", \
+                crash is not None and crash.will_crash_again
+        elif refused:
+            name, reason, again = "crashed", crash.reason, crash.will_crash_again
         elif name == "running" and (heartbeat is None or heartbeat > STALLED_AFTER_S):
             name = "stalled" if slurm_state in (None, "RUNNING") else "crashed"
         if slurm_state == "PENDING" and name != "done":
@@ -109,7 +151,7 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
         rate = done_this_attempt / elapsed if elapsed > 0 and done_this_attempt > 0 else None
         eta = (state.total - state.finished_rows) / rate if rate and name not in ("done",) else None
         statuses.append(SliceStatus(slice_id, name, state.finished_rows, state.total, state.outcomes(), rate, eta,
-                                    heartbeat, slurm_state, reason))
+                                    heartbeat, slurm_state, reason, again and name == "crashed"))
     return statuses, num_rows
 
 
@@ -135,12 +177,17 @@ def render(statuses: list[SliceStatus], num_rows: int) -> str:
     if incomplete:
         lines.append("resubmit what is incomplete: python -m vlm_hpc.submit --config ... "
                      f"--array {format_indices(incomplete)}")
+    fix_first = [s.slice for s in statuses if s.will_crash_again]
+    if fix_first:
+        lines.append("crashed on an error a resubmission repeats (their reason says what to fix); once fixed: "
+                     f"python -m vlm_hpc.submit --config ... --array {format_indices(fix_first)}")
     return "\n".join(lines)
 
 
 def resubmit_indices(statuses: list[SliceStatus]) -> list[int]:
-    """Slices that are neither done nor running or queued."""
-    return [s.slice for s in statuses if s.state not in ("done", "running") and s.slurm not in ("PENDING", "RUNNING")]
+    """Slices that are neither done nor running or queued, nor crashed on an error a resubmission repeats."""
+    return [s.slice for s in statuses if s.state not in ("done", "running") and s.slurm not in ("PENDING", "RUNNING")
+            and not s.will_crash_again]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             return print_error(exc)
         if args.json:
             print(json.dumps({"slices": [asdict(s) for s in statuses], "num_rows": num_rows,
-                              "resubmit": format_indices(resubmit_indices(statuses))}))
+                              "resubmit": format_indices(resubmit_indices(statuses)),
+                              "fix_first": format_indices([s.slice for s in statuses if s.will_crash_again])}))
         else:
             print(render(statuses, num_rows), flush=True)
         if args.watch is None:

@@ -24,6 +24,7 @@ from submitit.slurm.slurm import SlurmJob
 from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.array_spec import ArraySpec, format_indices, parse_array, split_for_max_array_size
 from vlm_hpc.config import RunConfig, load_config
+from vlm_hpc.engines import engine_class
 from vlm_hpc.errors import VlmHpcError, print_error
 from vlm_hpc.run.checkpoint import CorruptCheckpoint, SliceCheckpoint
 from vlm_hpc.run.failures import OutcomeCounts
@@ -169,6 +170,10 @@ def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: 
         raise VlmHpcError(f"--array {spec} names slice {spec.indices[-1]}, but the run has {count} slices "
                           f"(0..{count - 1}); pass --num-slices or a smaller --array")
     rows, layout, pins = check_inputs(config, spec.indices[0], count)
+    # Local tasks run on this node, Slurm's on others (a login node's missing GPU says nothing); only an explicit
+    # device can be missing (auto falls back), and importing the engine for the check costs seconds.
+    if cluster != "slurm" and config.model.device == "cuda":
+        engine_class(config.model.engine).check_device(config)
     if accept_changes and previous is not None:
         _refuse_changes_while_running(layout, rows, config, count, pins)
     if force and previous is not None:

@@ -65,6 +65,12 @@ class Engine(ABC):
     """A loaded model that captions batches of tiled images."""
 
     @classmethod
+    def check_device(cls, config: RunConfig) -> None:
+        """Refuse, with one VlmHpcError line, a device the config asks for that this node does not have; run
+        before a slice's lease is taken and before any weights load."""
+        return None  # an engine without a device of its own has nothing to check
+
+    @classmethod
     @abstractmethod
     def from_config(cls, config: RunConfig) -> Engine:
         """Load the engine the run's config describes (model, prompt, generation settings, device)."""

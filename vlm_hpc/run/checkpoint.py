@@ -22,6 +22,10 @@ from vlm_hpc.run.failures import OutcomeCounts
 # What a slice's index records about it; `vlm_hpc.status` derives "stalled" and "corrupt" on top.
 CheckpointStatus = Literal["pending", "running", "stopped", "requeued", "done", "crashed"]
 
+# How the reason of a crash that resubmitting as it is would repeat begins (a VlmHpcError: the config, the model
+# folder, the data, the node's device, a corrupt index), in the index and in the slice log's "crashed: " line.
+WILL_CRASH_AGAIN = "will crash again until fixed"
+
 
 class CorruptCheckpoint(VlmHpcError):
     """An index file that exists but cannot be what `SliceCheckpoint.save` wrote; `problem` says what is wrong."""
@@ -81,6 +85,7 @@ class SliceCheckpoint:
     sample_images: int = 0
     status: CheckpointStatus = "pending"
     stop_reason: str | None = None
+    will_crash_again: bool = False  # crashed on an error a resubmission repeats: fix it first (WILL_CRASH_AGAIN)
     attempts: int = 0
     started_at: float | None = None
     rows_at_start: int = 0  # finished rows when the current attempt started (for its rate)
@@ -218,7 +223,8 @@ _FIELD_TYPES: dict[str, tuple[str, tuple[type, ...]]] = {
     "slice": _INT, "num_slices": _INT, "start": _INT, "stop": _INT, "done": ("a list of [start, stop] pairs", (list,)),
     "captions": _INT, "failures": _INT, "warned_by_reason": _COUNTS, "failed_by_reason": _COUNTS,
     "captions_offset": _INT, "failures_offset": _INT, "sample_images": _INT,
-    "status": ("a string", (str,)), "stop_reason": ("a string or null", (str, type(None))), "attempts": _INT,
+    "status": ("a string", (str,)), "stop_reason": ("a string or null", (str, type(None))),
+    "will_crash_again": ("true or false", (bool,)), "attempts": _INT,
     "started_at": _OPTIONAL_NUMBER, "rows_at_start": _INT, "updated_at": _OPTIONAL_NUMBER,
     "compute_seconds": _NUMBER, "repairs": ("a list of objects", (list,)),
 }
