@@ -5,20 +5,25 @@ a device the node lacks) is marked "will crash again" and kept out of the plain 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from builders import noise_dataset, slice_state, start_worker, write_config
 from vlm_hpc import status, submit
-from vlm_hpc.config import load_config
+from vlm_hpc.config import DataSection, load_config
 from vlm_hpc.engines.base import Engine
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.checkpoint import WILL_CRASH_AGAIN
+from vlm_hpc.run.readers import Row, RowReader
 from vlm_hpc.run.slice_run import run_slice
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this node has CUDA: model.device=cuda is fine here")
@@ -139,3 +144,55 @@ def test_a_model_folder_that_does_not_load_is_recorded_as_crashing_again(golden_
         ("crashed", f"{AGAIN}{error.value}", True)
     assert f"| crashed: {AGAIN}{error.value}\n" in log_of(output) and "Traceback" not in log_of(output)
     assert status_json(output)["fix_first"] == "0"
+
+
+class UnreadableShardReader(RowReader):
+    """Rows whose later part is on a shard that cannot be read: the error happens in a loader process."""
+
+    format = "unreadable_shard"
+
+    def __init__(self, config: DataSection) -> None:
+        super().__init__(config, 6)
+
+    def describe(self) -> str:
+        return "an input with an unreadable shard"
+
+    def _read(self, start: int, stop: int) -> list[Row]:
+        if stop > 2:
+            raise ValueError(f"shard 1 of rows [{start}, {stop}) is unreadable: bad magic number")
+        return [Row(row, f"row_{row}", None, None) for row in range(start, stop)]
+
+    def _key_array(self, start: int, stop: int) -> pa.Array:
+        return pa.array([f"row_{row}" for row in range(start, stop)], pa.string())
+
+    def _image_sizes(self, start: int, stop: int) -> np.ndarray:
+        return np.full(stop - start, -1, np.int64)
+
+
+def test_a_worker_whose_loader_process_fails_ends_with_that_error_and_its_own_exception_line(
+        golden_model_dir: Path, tmp_path: Path) -> None:
+    """The loader's processes ignore stop signals, SIGTERM included; the traceback that held the loader kept them,
+    and the worker waited for them at exit forever."""
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", golden_model_dir, tmp_path, output,
+                          data={"format": UnreadableShardReader.format}, generation={"batch_size": 2},
+                          worker={"loader_workers": 1, "commit_seconds": 0})
+    # The worker command with this file's reader registered, as a plugin would register one.
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_crashes; "
+            "from vlm_hpc.run.readers import register_reader; from vlm_hpc import worker; "
+            "register_reader(test_crashes.UnreadableShardReader); sys.exit(worker.main(sys.argv[1:]))")
+    process = subprocess.Popen([sys.executable, "-c", code, "--config", str(config), "--slice", "0", "--num-slices",
+                                "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    reason = "ValueError: shard 1 of rows [2, 4) is unreadable: bad magic number"
+    assert process.returncode == 1 and stderr.rstrip().endswith(reason), stderr  # Python's traceback, as any bug's
+    state = slice_state(output)
+    assert (state["status"], state["stop_reason"], state["will_crash_again"]) == ("crashed", reason, False), state
+    assert sum(b - a for a, b in state["done"]) == 2  # the rows before it are committed
+    assert status.collect(output)[0][0].reason == reason
+    assert f"| crashed: {reason}\n" in log_of(output)

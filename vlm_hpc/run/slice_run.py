@@ -16,6 +16,7 @@ import logging
 import math
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -328,7 +329,13 @@ class SliceRun:
         loader = batch_loader(SliceBatches(self.rows, windows, self.config, self.check.manifest, stride),
                               self.config.worker, pin_memory=engine.pins_tiles)
         batches = BatchLoop(self, engine, BatchPlanner(limits, _tile_count), Progress(state.finished_rows, state.total))
-        batches.run(loader)
+        try:
+            batches.run(loader)
+        except BaseException as exc:
+            # The loader's iterator lives on in the traceback's frames, and with it its processes, which ignore the
+            # SIGTERM that multiprocessing sends them at exit, where this process would wait for them forever.
+            traceback.clear_frames(exc.__traceback__)
+            raise
         batches.commit()
         if self.lease.lost.is_set():
             raise LeaseLost(self.lease.lost_reason or "the slice lease was lost")
