@@ -63,11 +63,46 @@ def test_overrides_and_interpolation() -> None:
     (["nodot=1"], "section.key"),
     (["justtext"], "key=value"),
     (["output.dir=/x/${nowhere}"], "vars.nowhere is not set"),
+    # Out of range: each names the key, the range and the value.
+    (["generation.temperature=-1"], r"generation.temperature must be positive while generation.do_sample is true "
+                                    r"\(or set generation.do_sample=false\), got -1.0"),
+    (["generation.temperature=0"], "generation.temperature must be positive"),
+    (["generation.top_p=1.5"], "generation.top_p must be above 0 and at most 1, got 1.5"),
+    (["generation.top_p=0"], "generation.top_p must be above 0 and at most 1, got 0.0"),
+    (["generation.top_p=-0.1"], "generation.top_p must be above 0"),
+    (["generation.max_new_tokens=0"], "generation.max_new_tokens must be positive, got 0"),
+    (["generation.num_beams=-2"], "generation.num_beams must be positive, got -2"),
+    (["generation.vision_batch=0"], "generation.vision_batch must be positive"),
+    (["tiling.max_num=0"], "tiling.max_num must be from 1 to 40, got 0"),
+    (["tiling.max_num=41"], "tiling.max_num must be from 1 to 40, got 41"),
+    (["worker.grace_seconds=0"], "worker.grace_seconds must be positive"),
+    (["worker.heartbeat_seconds=-1"], "worker.heartbeat_seconds must be positive"),
+    (["worker.heartbeat_failure_seconds=0"], "worker.heartbeat_failure_seconds must be positive"),
+    (["worker.loader_workers=-1"], "worker.loader_workers must be at least 0, got -1"),
+    (["worker.commit_seconds=-1"], "worker.commit_seconds must be at least 0"),
+    (["data.limit=0"], "data.limit must be positive, got 0"),
+    (["slurm.mem_gb=-8"], "slurm.mem_gb must be at least 0"),
+    # Odd types and values: not numbers, or numbers no setting means.
+    (["generation.temperature=.nan"], "generation.temperature must be a finite number, got nan"),
+    (["worker.grace_seconds=.inf"], "worker.grace_seconds must be a finite number, got inf"),
+    (["generation.top_p=true"], "generation.top_p must be a number, got True"),
+    (["generation.top_p=[0.5]"], "generation.top_p must be a number"),
+    (["tiling.max_num=4.5"], "tiling.max_num must be an integer, got 4.5"),
+    (["worker.heartbeat_failure_seconds=soon"], "worker.heartbeat_failure_seconds must be a number, got 'soon'"),
 ])
 def test_bad_config_is_one_clear_line(overrides: list[str], message: str) -> None:
     with pytest.raises(VlmHpcError, match=message) as info:
         load_config(None, overrides)
     assert "\n" not in str(info.value)
+
+
+def test_values_at_the_edges_of_their_ranges_are_accepted() -> None:
+    config = load_config(None, ["generation.top_p=1", "tiling.max_num=40", "tiling.max_num=1",
+                                "worker.loader_workers=0", "generation.do_sample=false", "generation.temperature=0",
+                                "slurm.mem_gb=0",                                 "worker.heartbeat_failure_seconds=5"])
+    assert (config.generation.top_p, config.tiling.max_num, config.generation.temperature) == (1.0, 1, 0.0)
+    # An optional number is a number, not the text "5" (the lease compares it with seconds).
+    assert config.worker.heartbeat_failure_seconds == 5.0 and isinstance(config.worker.heartbeat_failure_seconds, float)
 
 
 def test_missing_and_invalid_files(tmp_path: Path) -> None:

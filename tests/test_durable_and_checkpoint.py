@@ -10,6 +10,7 @@ import pytest
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.checkpoint import CorruptCheckpoint, SliceCheckpoint, add_interval, intervals_of
 from vlm_hpc.run.durable import append_durable, remove_stale_temporaries, truncate_to, write_atomic, write_many_atomic
+from vlm_hpc.run.failures import OutcomeCounts
 
 
 def test_write_atomic_replaces_whole_and_leaves_no_temporary_even_when_it_fails(tmp_path: Path) -> None:
@@ -67,17 +68,24 @@ def test_intervals_merge_and_pending_rows_follow_them() -> None:
 def test_commit_saves_atomically_and_load_reads_it_back(tmp_path: Path) -> None:
     path = tmp_path / "slice_00000.json"
     checkpoint = SliceCheckpoint(slice=0, num_slices=1, start=0, stop=4)
-    checkpoint.commit(path, [0, 1, 3], captions=2, failures=1, output_state={"captions_offset": 40},
-                      failures_offset=20, samples=1, seconds=0.5)
+    checkpoint.commit(path, [0, 1], OutcomeCounts(2, 0, {"truncated": 1}, {}), output_state={"captions_offset": 40},
+                      failures_offset=10, samples=1, seconds=0.5)
+    checkpoint.commit(path, [3], OutcomeCounts(0, 1, {}, {"empty": 1}), output_state={"captions_offset": 40},
+                      failures_offset=20, samples=0, seconds=0.5)
     loaded = SliceCheckpoint.load(path)
     assert loaded.done == [[0, 2], [3, 4]] and (loaded.captions, loaded.failures) == (2, 1)
+    assert loaded.outcomes().describe() == "2 captioned (1 with a warning: truncated), 1 failed (1 empty)"
     assert (loaded.captions_offset, loaded.failures_offset, loaded.sample_images) == (40, 20, 1)
     assert SliceCheckpoint.load(tmp_path / "absent.json") is None
 
 
 @pytest.mark.parametrize("content", [b"", b"{", b"\xff\xfe", b"[]", json.dumps({"slice": "zero"}).encode(),
                                      json.dumps({"slice": 0, "num_slices": 1, "start": 0, "stop": 4,
-                                                 "done": [[3, 2]]}).encode()])
+                                                 "done": [[3, 2]]}).encode(),
+                                     json.dumps({"slice": 0, "num_slices": 1, "start": 0, "stop": 4,
+                                                 "failed_by_reason": {"empty": -1}}).encode(),
+                                     json.dumps({"slice": 0, "num_slices": 1, "start": 0, "stop": 4,
+                                                 "warned_by_reason": ["truncated"]}).encode()])
 def test_a_damaged_index_is_a_corrupt_index_naming_the_file(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "slice_00000.json"
     path.write_bytes(content)

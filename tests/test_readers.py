@@ -111,6 +111,44 @@ def test_data_format_overrides_the_path_and_wrong_inputs_get_one_line(tmp_path: 
         assert "\n" not in str(error.value)
 
 
+# Image columns that hold no image bytes, as a hostile or mistaken config names them: text (the web caption), a
+# number, a struct without "bytes", a struct whose "bytes" is text, a list of byte strings.
+NOT_IMAGES = {
+    "caption": pa.array([r[2] for r in ROWS], pa.string()),
+    "size": pa.array(range(len(ROWS)), pa.int64()),
+    "meta": pa.array([{"path": "x.png"}] * len(ROWS), pa.struct([("path", pa.string())])),
+    "text_bytes": pa.array([{"bytes": "x"}] * len(ROWS), pa.struct([("bytes", pa.string())])),
+    "pieces": pa.array([[b"ab"]] * len(ROWS), pa.list_(pa.binary())),
+}
+
+
+@pytest.mark.parametrize("kind", ["datasets", "arrow", "parquet"])
+@pytest.mark.parametrize("column", sorted(NOT_IMAGES))
+def test_an_image_column_without_image_bytes_is_refused_naming_its_type(tmp_path: Path, kind: str,
+                                                                        column: str) -> None:
+    table = arrow_table(ROWS)
+    for name, values in NOT_IMAGES.items():
+        if name not in table.column_names:
+            table = table.append_column(name, values)
+    path = tmp_path / ("data" if kind == "datasets" else f"rows.{kind}")
+    if kind == "datasets":
+        datasets.Dataset(table).save_to_disk(str(path))
+    elif kind == "arrow":
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as out:
+            out.write_table(table)
+    else:
+        pq.write_table(table, str(path))
+    with pytest.raises(VlmHpcError) as error:
+        open_reader(DataSection(path=str(path), image_column=column))
+    message = str(error.value)
+    stored = (pq.read_schema(str(path)) if kind == "parquet" else table.schema).field(column).type  # list names differ
+    assert "\n" not in message and message.startswith(f"data: column {column!r} (data.image_column) of {path} holds "
+                                                      f"Arrow type {stored}, not image bytes"), message
+    assert message.endswith("set data.image_column to a binary column or a datasets Image feature (its binary "
+                            "columns: png)"), message
+    assert open_reader(DataSection(path=str(path))).read(0, 1) == expected_rows(0, 1)  # png is fine
+
+
 class PngFolderReader(RowReader):
     """A folder of PNG files, sorted by name: key = file stem, web caption = the `.txt` beside it, if any.
     Written against the public protocol only, as a new input format would be."""

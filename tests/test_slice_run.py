@@ -110,10 +110,11 @@ def bomb_png() -> bytes:
             + chunk(b"IEND", b""))
 
 
-def test_bad_rows_are_recorded_and_the_slice_completes(golden_model_dir: Path, tmp_path: Path, shared_engine) -> None:
+def bad_rows() -> list[tuple[str | None, bytes | None, str | None]]:
+    """Every kind of bad row among good ones: 9 captioned (the truncated one with a warning), 6 failed."""
     good = png(1)
     truncated = png(2, (300, 200))
-    rows = [
+    return [
         ("ok_first", good, "fine"),
         ("zero_bytes", b"", "x"),
         ("not_an_image", b"hello world, I am text", "x"),
@@ -130,7 +131,10 @@ def test_bad_rows_are_recorded_and_the_slice_completes(golden_model_dir: Path, t
         (None, good, "no key"),
         ("no_caption", good, None),
     ]
-    data = make_dataset(tmp_path / "data", rows)
+
+
+def test_bad_rows_are_recorded_and_the_slice_completes(golden_model_dir: Path, tmp_path: Path, shared_engine) -> None:
+    data = make_dataset(tmp_path / "data", bad_rows())
     output = tmp_path / "work" / "out"
     config = load_config(write_config(tmp_path / "c.yaml", golden_model_dir, data, output))
     assert run_slice(config, 0, 1, engine_factory=shared_engine).status == "done"
@@ -150,6 +154,41 @@ def test_bad_rows_are_recorded_and_the_slice_completes(golden_model_dir: Path, t
     assert not (tmp_path / "escape").exists() and not Path("/abs/path.json").exists()
 
 
+def test_submit_status_verify_the_index_and_the_ledger_count_outcomes_alike(golden_model_dir: Path, tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    """One vocabulary: captioned (a truncated image among them, with a warning) and failed, by reason; the
+    truncated row is in the ledger and counted as captioned everywhere, never as 0 failures beside it."""
+    from vlm_hpc import status, submit
+    from vlm_hpc import verify as verify_command
+
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", golden_model_dir, make_dataset(tmp_path / "data", bad_rows()), output)
+    assert submit.main(["--config", str(config), "--array", "0-1", "--cluster", "debug", "--wait"]) == 0
+    submitted = capsys.readouterr().out.splitlines()
+    first = "4 captioned (1 with a warning: truncated), 4 failed (1 empty, 1 missing, 1 too_many_pixels, 1 undecodable)"
+    second = "5 captioned, 2 failed (1 duplicate_key, 1 missing_key)"
+    total = ("9 captioned (1 with a warning: truncated), 6 failed (1 duplicate_key, 1 empty, 1 missing, 1 missing_key, "
+             "1 too_many_pixels, 1 undecodable)")
+    assert submitted[-3:] == [f"slice 0: done: {first}", f"slice 1: done: {second}", f"total: {total}"], submitted
+    for slice_id, line in enumerate((first, second)):
+        assert f"| done: {line}\n" in (output / "logs" / f"slice_{slice_id:05d}.log").read_text()
+        assert slice_state(output, slice_id)["warned_by_reason"] == ({"truncated": 1} if slice_id == 0 else {})
+    ledger = [json.loads(line) for path in sorted((output / "failures").glob("*.jsonl"))
+              for line in path.read_text().splitlines()]
+    assert {(e["key"], e["outcome"]) for e in ledger if e["captioned"]} == {("truncated", "warned")}
+    assert {e["outcome"] for e in ledger if not e["captioned"]} == {"failed"} and len(ledger) == 7
+    assert verify_command.main([str(output)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"{output}: 15 rows: {total}, 0 pending; 0 lost, 0 duplicate, " \
+                                                      "0 orphan, 0 corrupt"
+    assert status.main([str(output)]) == 0
+    assert f"total: 15/15 rows (100.0%): {total}; slices: 2 done" in capsys.readouterr().out
+    # A lost index rebuilt from the outputs counts the same.
+    (output / "state" / "slice_00000.json").unlink()
+    assert verify_command.main([str(output), "--repair"]) == 0
+    assert f"8/8 rows done, {first}" in capsys.readouterr().err
+    assert slice_state(output, 0)["warned_by_reason"] == {"truncated": 1} and verify(output).describe() == total
+
+
 def test_missing_model_column_or_bad_config_is_one_line_before_any_model_load(golden_model_dir: Path,
                                                                                tmp_path: Path) -> None:
     data = noise_dataset(tmp_path / "data", 3)
@@ -157,6 +196,9 @@ def test_missing_model_column_or_bad_config_is_one_line_before_any_model_load(go
         (write_config(tmp_path / "a.yaml", tmp_path / "no_model", data, tmp_path / "o1"), [], "model:"),
         (write_config(tmp_path / "b.yaml", golden_model_dir, data, tmp_path / "o2", data={"image_column": "jpg"}),
          [], "column 'jpg'"),
+        # Text as the image column would fail every row as missing and verify OK with no caption: refused.
+        (write_config(tmp_path / "e.yaml", golden_model_dir, data, tmp_path / "o5", data={"image_column": "caption"}),
+         [], "column 'caption' (data.image_column) of"),
         (write_config(tmp_path / "c.yaml", golden_model_dir, data, tmp_path / "o3"), ["generation.batchsize=3"],
          "did you mean 'batch_size'"),
         (write_config(tmp_path / "d.yaml", golden_model_dir, tmp_path / "nodata", tmp_path / "o4"), [], "data:"),

@@ -39,7 +39,7 @@ def test_status_names_waiting_kill_files_and_a_resubmit_command_that_runs_as_pri
     shown = status(str(output))
     assert shown.returncode == 0, shown.stderr
     assert f"waiting kill file: {output / 'kill2.txt'}" in shown.stdout
-    assert "total: 2/6 rows (33.3%), 0 failed; slices: 1 done, 2 pending" in shown.stdout, shown.stdout
+    assert "total: 2/6 rows (33.3%): 2 captioned, 0 failed; slices: 1 done, 2 pending" in shown.stdout, shown.stdout
     hint = shown.stdout.split("resubmit what is incomplete: ", 1)[1].splitlines()[0]
     assert shlex.split(hint) == ["python", "-m", "vlm_hpc.submit", "--config", str(config.resolve()), "--array",
                                  "1-2", "--num-slices", "3", "--cluster", "local", "worker.loader_workers=0"]
@@ -66,7 +66,7 @@ def test_status_watch_ends_once_no_slice_can_move(golden_model_dir: Path, tmp_pa
     assert "every slice is done: 4/4 rows (100.0%)" in watched.stdout
     assert f"check it: python -m vlm_hpc.verify {output}" in watched.stdout
     statuses, num_rows = collect(output)
-    assert overall_line(statuses, num_rows) == "4/4 rows (100.0%), 0 failed; slices: 2 done"
+    assert overall_line(statuses, num_rows) == "4/4 rows (100.0%): 4 captioned, 0 failed; slices: 2 done"
 
 
 def test_a_submission_that_fails_its_checks_writes_nothing(golden_model_dir: Path, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +29,19 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 Device = Literal["auto", "cuda", "cpu"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 
-_POSITIVE = {"positive": True}  # field metadata: the validator refuses zero and negative values
+# Field metadata the validator reads for numbers: "above" (exclusive), "at_least", "at_most", and "when", a
+# true/false key of the same section without which the limits do not apply (GenerationSettings writes them too).
+LIMITS = ("above", "at_least", "at_most")
 
 
-def positive(default: int | float) -> Any:
+def bounded(default: int | float | None, **limits: int | float | str) -> Any:
+    """A number field the validator keeps within `limits` (above=, at_least=, at_most=, when=); None passes."""
+    return field(default=default, metadata=limits)
+
+
+def positive(default: int | float | None) -> Any:
     """A field whose value must be above zero."""
-    return field(default=default, metadata=_POSITIVE)
+    return bounded(default, above=0)
 
 
 @dataclass
@@ -56,7 +64,7 @@ class DataSection:
     key_column: str = "new_key"
     image_column: str = "png"
     caption_column: str = "caption"
-    limit: int | None = None  # use only the first N rows (the seed's TEST_CUTDOWN)
+    limit: int | None = positive(None)  # use only the first N rows (the seed's TEST_CUTDOWN)
     # webdataset: a sample's image is its first member with one of these extensions (image folders: these and
     # gif, tif, tiff, bmp)
     image_extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
@@ -65,7 +73,7 @@ class DataSection:
 
 @dataclass
 class TilingSection:
-    max_num: int = positive(9)
+    max_num: int = bounded(9, at_least=1, at_most=40)  # InternVL-Chat-V1.5 supports up to 40 tiles (4K input)
     skip_truncated: bool = False  # False: caption truncated images as the original does, and list them
 
 
@@ -103,16 +111,17 @@ class OutputSection:
 
 @dataclass
 class WorkerSection:
-    loader_workers: int = 2  # DataLoader processes decoding and tiling ahead of the GPU
+    loader_workers: int = bounded(2, at_least=0)  # DataLoader processes decoding and tiling ahead of the GPU
     prefetch_batches: int = positive(4)  # windows (a batch, or sort_window rows) prepared ahead by each loader process
     # Finish the batch in flight within this after a stop signal (Slurm KillWait: 30).
     grace_seconds: float = positive(20.0)
     heartbeat_seconds: float = positive(10.0)
-    commit_seconds: float = 2.0  # commit finished batches at least this often (each commit costs fsyncs)
+    # Commit finished batches at least this often (each commit costs fsyncs).
+    commit_seconds: float = bounded(2.0, at_least=0)
     commit_rows: int = positive(1024)  # ... or as soon as this many rows are finished
     stale_lease_seconds: float = positive(120.0)  # a lease not refreshed for this long is considered dead
     # Heartbeat writes failing for this long give the lease up (null: half of stale_lease_seconds).
-    heartbeat_failure_seconds: float | None = None
+    heartbeat_failure_seconds: float | None = positive(None)
 
 
 @dataclass
@@ -122,10 +131,11 @@ class SlurmSection:
     qos: str | None = None
     time_min: int = positive(240)
     cpus_per_task: int = positive(8)
-    mem_gb: int | None = None  # None: ask for none, the cluster's default applies
+    mem_gb: int | None = bounded(None, at_least=0)  # None or 0: ask for none, the cluster's default applies
     gpus_per_task: int = positive(1)
     constraint: str | None = None
-    signal_delay_s: int = 120  # time-limit warning (SIGUSR2) this long before the end: commit and requeue
+    # The time-limit warning (SIGUSR2) this long before the end: commit and requeue.
+    signal_delay_s: int = bounded(120, at_least=0)
     job_name: str = "vlm_hpc"
     extra_sbatch: dict[str, Any] = field(default_factory=dict)
 
@@ -178,9 +188,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise VlmHpcError(f"{where} must be an integer, got {value!r}")
         return value
-    if hint is float:
+    if hint is float or text.startswith("float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise VlmHpcError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .inf and .nan are floats, and no setting means either
+            raise VlmHpcError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise VlmHpcError(f"{where} must be text, got {value!r}")
@@ -219,10 +231,35 @@ def _build(raw: dict, source: str) -> RunConfig:
             if (section_name, key) == ("generation", "tile_budget") and value is not None \
                     and value != "auto" and not (isinstance(value, int) and value > 0):
                 raise VlmHpcError(f"{where} is {value!r}; use a positive number of tiles, auto, or null")
-            if fields_by_name[key].metadata.get("positive") and value <= 0:
-                raise VlmHpcError(f"{where} must be positive, got {value}")
             setattr(section, key, value)
+    for section_name in sections.keys() - {"vars"}:
+        _check_limits(getattr(config, section_name), section_name, source)
     return config
+
+
+def _allowed(limits: dict) -> str:
+    """The range of `limits` in words: "positive", "from 1 to 40", "above 0 and at most 1"."""
+    if limits.keys() == {"above"} and limits["above"] == 0:
+        return "positive"
+    if limits.keys() == {"at_least", "at_most"}:
+        return f"from {limits['at_least']} to {limits['at_most']}"
+    words = {"above": "above", "at_least": "at least", "at_most": "at most"}
+    return " and ".join(f"{words[name]} {limits[name]}" for name in LIMITS if name in limits)
+
+
+def _check_limits(section: Any, section_name: str, source: str) -> None:
+    """Every number of `section` within its field's limits; run once all keys are set, as `when` names another."""
+    for item in dataclasses.fields(section):
+        limits = {name: item.metadata[name] for name in LIMITS if name in item.metadata}
+        value, when = getattr(section, item.name), item.metadata.get("when")
+        if not limits or value is None or (when and not getattr(section, when)):
+            continue
+        # Written as "not within", so that a NaN from Python code is refused too.
+        if not (value > limits.get("above", -math.inf) and value >= limits.get("at_least", -math.inf)
+                and value <= limits.get("at_most", math.inf)):
+            condition = f" while {section_name}.{when} is true (or set {section_name}.{when}=false)" if when else ""
+            raise VlmHpcError(f"{source}: {section_name}.{item.name} must be {_allowed(limits)}{condition}, "
+                              f"got {value}")
 
 
 def _set_dotted(raw: dict, dotted: str) -> None:

@@ -399,7 +399,7 @@ def _slices_table(statuses: list[SliceStatus]) -> str:
         eta = _duration(s.eta_s) if s.eta_s is not None else "-"
         css = ' class="bad"' if s.state in ("crashed", "killed", "corrupt", "stalled") else ""
         rows.append(f'<tr data-slice="{s.slice}"><td class="n">{s.slice}</td><td{css}>{_e(s.state)}</td>'
-                    f'<td class="n">{s.rows_done}/{s.rows_total}</td><td class="n">{s.failed_rows}</td>'
+                    f'<td class="n">{s.rows_done}/{s.rows_total}</td><td class="n">{s.outcomes.failed}</td>'
                     f'<td class="n">{rate}</td><td class="n">{eta}</td><td>{_e(s.reason or "")}</td></tr>')
     return f"<table>{head}{''.join(rows)}</table>"
 

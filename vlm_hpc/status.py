@@ -2,7 +2,8 @@
 
 Per slice: state (see `SliceState`), rows done/total, failed rows, rate, ETA and heartbeat age; then one line
 over the whole run (rows, images/s, ETA), kill files still waiting, and the submit command that resubmits what
-is incomplete. Slurm is asked once per call (one squeue), never per task.
+is incomplete (a slice that crashed on an error a resubmission repeats is listed apart: fix it first). Slurm is
+asked once per call (one squeue), never per task.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Literal
 from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.array_spec import format_indices
 from vlm_hpc.errors import VlmHpcError, print_error
-from vlm_hpc.run.checkpoint import CheckpointStatus, CorruptCheckpoint, SliceCheckpoint
+from vlm_hpc.run.checkpoint import WILL_CRASH_AGAIN, CheckpointStatus, CorruptCheckpoint, SliceCheckpoint
+from vlm_hpc.run.failures import OutcomeCounts
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import heartbeat_age, read_lease
 from vlm_hpc.run.manifest import load_manifest
@@ -42,25 +44,55 @@ class SliceStatus:
     state: SliceState
     rows_done: int
     rows_total: int
-    failed_rows: int
+    outcomes: OutcomeCounts  # its finished rows: captioned (warned among them) and failed, by reason
     rate: float | None  # rows/s of the current or last attempt
     eta_s: float | None
     heartbeat_age_s: float | None
     slurm: str | None  # the Slurm state of its latest array task, when it has one
     reason: str | None
+    will_crash_again: bool = False  # crashed on an error a resubmission repeats (the reason says which)
 
 
-def _crash_in_log(path: Path) -> str | None:
-    """The reason in the last attempt's "crashed: ..." log line, if it has one."""
+@dataclass(frozen=True)
+class LoggedCrash:
+    """A crash as the slice log records it."""
+
+    reason: str
+    time: float | None  # when it was logged, in seconds since the epoch
+
+    @property
+    def will_crash_again(self) -> bool:
+        return self.reason.startswith(WILL_CRASH_AGAIN)
+
+
+# Lines of the slice log that say how an attempt began or ended; the last of them is the slice's latest news.
+_EVENTS = (" | start: ", " | crashed: ", " | done: ", " | stopped (", " | requeued (", " | stopping: ")
+
+
+def _logged_time(line: str) -> float | None:
+    """When a log line was written: its asctime prefix, local time as the worker wrote it."""
+    try:
+        return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
+    except ValueError:
+        return None
+
+
+def _crash_in_log(path: Path) -> LoggedCrash | None:
+    """The slice log's "crashed: REASON" line (REASON: the exception line, or what to fix), when it is the log's
+    last event: a later start, stop or end means the slice went on."""
     try:
         with open(path, "rb") as handle:
             handle.seek(max(0, handle.seek(0, 2) - 65536))
-            text = handle.read().decode(errors="replace")
+            lines = handle.read().decode(errors="replace").splitlines()
     except OSError:
         return None
-    last_attempt = text.rsplit(" start: ", 1)[-1]
-    crashes = [line.split("crashed: ", 1)[1] for line in last_attempt.splitlines() if "| crashed: " in line]
-    return crashes[-1].strip() if crashes else None
+    events = [i for i, line in enumerate(lines) if any(event in line for event in _EVENTS)]
+    if not events:
+        return None
+    last = lines[events[-1]]
+    if " | crashed: " not in last:
+        return None
+    return LoggedCrash(last.split(" | crashed: ", 1)[1].strip(), _logged_time(last))
 
 
 def _last_log_line(path: Path) -> str | None:
@@ -92,25 +124,40 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
         try:
             state = SliceCheckpoint.load(layout.checkpoint_file(slice_id))
         except CorruptCheckpoint as exc:
-            statuses.append(SliceStatus(slice_id, "corrupt", 0, total, 0, None, None, None, slurm_state,
-                                        f"{exc.problem}; run: {repair_command(layout)}"))
+            statuses.append(SliceStatus(slice_id, "corrupt", 0, total, OutcomeCounts(), None, None, None,
+                                        slurm_state, f"{exc.problem}; run: {repair_command(layout)}"))
             continue
         lease = read_lease(layout.lease_file(slice_id))
         heartbeat = heartbeat_age(lease)
+        unheld = lease is None or bool(lease.get("released"))
+        crash = _crash_in_log(layout.log_file(slice_id)) if unheld and (state is None or state.status != "done") \
+            else None
+        # A start refused before it could write the checkpoint (config, device) is recorded in the log alone; its
+        # crash is news when it came after the checkpoint's last write and no task of the slice is queued or running.
+        refused = crash is not None and slurm_state not in ("PENDING", "RUNNING") and (
+            state is None or (crash.time or 0) > (state.updated_at or 0))
         if state is None:
-            name = "killed" if killed else "running" if slurm_state == "RUNNING" else "pending"
-            reason = f"Slurm {slurm_state} before the slice started" if killed else None
-            statuses.append(SliceStatus(slice_id, name, 0, total, 0, None, None, heartbeat, slurm_state, reason))
+            if killed:
+                name, reason, again = "killed", f"Slurm {slurm_state} before the slice started", False
+            elif refused:
+                name, reason, again = "crashed", crash.reason, crash.will_crash_again
+            else:
+                name, reason, again = "running" if slurm_state == "RUNNING" else "pending", None, False
+            statuses.append(SliceStatus(slice_id, name, 0, total, OutcomeCounts(), None, None, heartbeat, slurm_state,
+                                        reason, again))
             continue
-        name, reason = state.status, state.stop_reason
+        name, reason, again = state.status, state.stop_reason, state.will_crash_again
         if name == "running" and killed:
             # Slurm ended the task (SIGKILL after KillWait, a node failure, the OOM killer) before it could
             # record a stop: say so now, not once the heartbeat is stale.
             last = _last_log_line(layout.log_file(slice_id))
             name, reason = "killed", f"Slurm {slurm_state}" + (f"; last log line: {last}" if last else "")
-        elif name == "running" and (lease is None or lease.get("released")):
-            # The worker ended without recording why (its index could not be written): its log may say.
-            name, reason = "crashed", _crash_in_log(layout.log_file(slice_id)) or "ended without recording why"
+        elif name == "running" and unheld:
+            # The worker ended without recording why (its checkpoint could not be written): its log may say.
+            name, reason, again = "crashed", crash.reason if crash else "ended without recording why", \
+                crash is not None and crash.will_crash_again
+        elif refused:
+            name, reason, again = "crashed", crash.reason, crash.will_crash_again
         elif name == "running" and (heartbeat is None or heartbeat > STALLED_AFTER_S):
             name = "stalled" if slurm_state in (None, "RUNNING") else "crashed"
         if slurm_state == "PENDING" and name != "done":
@@ -119,8 +166,8 @@ def collect(output: str | Path) -> tuple[list[SliceStatus], int]:
         done_this_attempt = state.finished_rows - state.rows_at_start
         rate = done_this_attempt / elapsed if elapsed > 0 and done_this_attempt > 0 else None
         eta = (state.total - state.finished_rows) / rate if rate and name == "running" else None
-        statuses.append(SliceStatus(slice_id, name, state.finished_rows, state.total, state.failures, rate, eta,
-                                    heartbeat, slurm_state, reason))
+        statuses.append(SliceStatus(slice_id, name, state.finished_rows, state.total, state.outcomes(), rate, eta,
+                                    heartbeat, slurm_state, reason, again and name == "crashed"))
     return statuses, num_rows
 
 
@@ -137,10 +184,12 @@ def overall_line(statuses: list[SliceStatus], num_rows: int) -> str:
     counts: dict[str, int] = {}
     for s in statuses:
         counts[s.state] = counts.get(s.state, 0) + 1
+    outcomes = OutcomeCounts()
+    for s in statuses:
+        outcomes.merge(s.outcomes)
     speed = f", {rate:.2f} images/s, ETA {_clock(left / rate)}" if rate and left > 0 else ""
-    return (f"{done_rows}/{num_rows} rows ({100 * done_rows / max(num_rows, 1):.1f}%), "
-            f"{sum(s.failed_rows for s in statuses)} failed{speed}; slices: "
-            + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    return (f"{done_rows}/{num_rows} rows ({100 * done_rows / max(num_rows, 1):.1f}%): {outcomes.describe()}"
+            f"{speed}; slices: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
 
 
 def render(statuses: list[SliceStatus], num_rows: int, layout: OutputLayout | None = None,
@@ -151,7 +200,7 @@ def render(statuses: list[SliceStatus], num_rows: int, layout: OutputLayout | No
         beat = f"{s.heartbeat_age_s:.0f}s" if s.heartbeat_age_s is not None else "-"
         rate = f"{s.rate:.2f}" if s.rate is not None else "-"
         note = f"  ({s.reason})" if s.reason and s.state not in ("done", "running") else ""
-        lines.append(f"{s.slice:>5} {s.state:<9} {f'{s.rows_done}/{s.rows_total}':>15} {s.failed_rows:>6} "
+        lines.append(f"{s.slice:>5} {s.state:<9} {f'{s.rows_done}/{s.rows_total}':>15} {s.outcomes.failed:>6} "
                      f"{rate:>7} {eta:>9} {beat:>9}  {s.slurm or '-'}{note}")
     lines.append(f"total: {overall_line(statuses, num_rows)}")
     if layout is not None:
@@ -163,12 +212,18 @@ def render(statuses: list[SliceStatus], num_rows: int, layout: OutputLayout | No
         spec = format_indices(incomplete)
         hint = command.line(spec) if command else f"python -m vlm_hpc.submit --config CONFIG --array {spec}"
         lines.append(f"resubmit what is incomplete: {hint}")
+    fix_first = [s.slice for s in statuses if s.will_crash_again]
+    if fix_first:
+        spec = format_indices(fix_first)
+        hint = command.line(spec) if command else f"python -m vlm_hpc.submit --config CONFIG --array {spec}"
+        lines.append(f"crashed on an error a resubmission repeats (their reason says what to fix); once fixed: {hint}")
     return "\n".join(lines)
 
 
 def resubmit_indices(statuses: list[SliceStatus]) -> list[int]:
-    """Slices that are neither done nor running or queued."""
-    return [s.slice for s in statuses if s.state not in ("done", "running") and s.slurm not in ("PENDING", "RUNNING")]
+    """Slices that are neither done nor running or queued, nor crashed on an error a resubmission repeats."""
+    return [s.slice for s in statuses if s.state not in ("done", "running") and s.slurm not in ("PENDING", "RUNNING")
+            and not s.will_crash_again]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps({"slices": [asdict(s) for s in statuses], "num_rows": num_rows,
                               "resubmit": format_indices(resubmit_indices(statuses)),
+                              "fix_first": format_indices([s.slice for s in statuses if s.will_crash_again]),
                               "overall": overall_line(statuses, num_rows)}))
         else:
             print(render(statuses, num_rows, layout, command), flush=True)

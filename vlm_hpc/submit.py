@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import submitit
@@ -27,8 +27,10 @@ from submitit.slurm.slurm import SlurmJob
 from vlm_hpc.cluster import slurm
 from vlm_hpc.cluster.array_spec import ArraySpec, format_indices, parse_array, split_for_max_array_size
 from vlm_hpc.config import RunConfig, load_config
+from vlm_hpc.engines import engine_class
 from vlm_hpc.errors import VlmHpcError, print_error
 from vlm_hpc.run.checkpoint import CorruptCheckpoint, SliceCheckpoint
+from vlm_hpc.run.failures import OutcomeCounts
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import live_holder
 from vlm_hpc.run.manifest import ensure_manifest, load_manifest
@@ -63,7 +65,7 @@ class SliceJob(submitit.helpers.Checkpointable):
         finally:
             stop_request.uninstall()
         summary = {"slice": slice_id, "status": outcome.status, "reason": outcome.reason,
-                   "captions": outcome.checkpoint.captions, "failures": outcome.checkpoint.failures}
+                   "outcomes": asdict(outcome.checkpoint.outcomes())}
         under_slurm = submitit.JobEnvironment().cluster == "slurm"
         if outcome.status == "requeued" and under_slurm:
             resend_time_limit_warning()  # submitit's handler requeues this task and exits
@@ -219,6 +221,10 @@ def submit(config: RunConfig, spec: ArraySpec, num_slices: int | None, cluster: 
         _set_aside_previous_run(layout)  # --force: the shard list of the run set aside is not this input's
         previous = None
         rows, layout, pins = check_inputs(config, spec.indices[0], count)
+    # Local tasks run on this node, Slurm's on others (a login node's missing GPU says nothing); only an explicit
+    # device can be missing (auto falls back), and importing the engine for the check costs seconds.
+    if cluster != "slurm" and config.model.device == "cuda":
+        engine_class(config.model.engine).check_device(config)
     if accept_changes and previous is not None:
         _refuse_changes_while_running(layout, rows, config, count, pins)
     if force and previous is not None:
@@ -320,8 +326,7 @@ def wait_for_jobs(jobs: list, output: Path, started: float, every_s: float = 10.
     for job in jobs:
         try:
             summary = job.result()
-            print(f"slice {summary['slice']}: {summary['status']}, {summary['captions']} captioned, "
-                  f"{summary['failures']} failed")
+            print(f"slice {summary['slice']}: {summary['status']}: {OutcomeCounts(**summary['outcomes']).describe()}")
         except Exception as exc:  # a task that was stopped, cancelled or crashed
             failed += 1
             print(f"job {job.job_id}: not finished ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")

@@ -19,6 +19,7 @@ from vlm_hpc.config import DataSection, WorkerSection
 from vlm_hpc.errors import VlmHpcError, print_error
 from vlm_hpc.run.checkpoint import CorruptCheckpoint
 from vlm_hpc.run.committed import read_slice_outputs
+from vlm_hpc.run.failures import OutcomeCounts
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import SliceBusy, SliceLease, lease_file_problem
 from vlm_hpc.run.manifest import RunManifest, load_manifest
@@ -32,10 +33,11 @@ PROBLEMS = ("lost", "duplicate", "orphan", "corrupt")
 
 
 @dataclass
-class Report:
+class Report(OutcomeCounts):
+    """What verify found: the finished rows by outcome (counted as the slice indexes count them), what is
+    pending, and every problem."""
+
     rows: int = 0
-    captioned: int = 0
-    failed: int = 0
     pending: int = 0  # not finished yet (an incomplete slice), not an error in itself
     lost: list[str] = field(default_factory=list)  # committed, but the caption is not there
     duplicate: list[str] = field(default_factory=list)  # a key captioned more than once
@@ -99,17 +101,19 @@ def verify(output: str | Path) -> Report:
         report.corrupt += [d.describe(named(d.path)) for d in outputs.captions.damage if d.whole_file]
         report.orphan += outputs.foreign_lines
         report.duplicate += outputs.repeated_lines
+        finished = []
         for offset, key in enumerate(keys.keys):
             row = start + offset
             if not checkpoint.is_done(row):
                 report.pending += 1
             elif row in outputs.failed:
-                report.failed += 1
+                finished.append(row)
             elif row in outputs.captioned:
-                report.captioned += 1
+                finished.append(row)
                 captioned_keys[key] += 1
             else:
                 report.lost.append(f"row {row} key {key!r}")
+        report.merge(outputs.outcomes(finished))
     report.duplicate += [f"key {k!r} committed by {n} rows" for k, n in captioned_keys.items() if n > 1]
     report.orphan += OUTPUT_FORMATS[manifest.output_format].orphans(layout, all_keys)  # the manifest checked it
     return report
@@ -147,8 +151,7 @@ def repair(output: str | Path, stale_seconds: float) -> tuple[list[str], bool]:
         finally:
             lease.release()
         done = f"{checkpoint.finished_rows}/{checkpoint.total} rows done"
-        lines.append(f"rebuilt {path} ({why}) from its outputs: {done}, {checkpoint.captions} captions, "
-                     f"{checkpoint.failures} failures")
+        lines.append(f"rebuilt {path} ({why}) from its outputs: {done}, {checkpoint.outcomes().describe()}")
     return lines, complete
 
 
@@ -173,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({**asdict(report), "ok": report.ok}, ensure_ascii=False, indent=1))
     else:
-        print(f"{args.output}: {report.rows} rows: {report.captioned} captioned, {report.failed} in the failure "
-              f"ledger, {report.pending} pending; " + ", ".join(f"{len(getattr(report, n))} {n}" for n in PROBLEMS))
+        print(f"{args.output}: {report.rows} rows: {report.describe()}, {report.pending} pending; "
+              + ", ".join(f"{len(getattr(report, n))} {n}" for n in PROBLEMS))
         for name in PROBLEMS:
             for item in getattr(report, name)[:20]:
                 print(f"  {name}: {item}")

@@ -17,7 +17,8 @@ if TYPE_CHECKING:  # annotations only: importing this module must not import tor
     from vlm_hpc.config import RunConfig
 
 
-_POSITIVE = {"positive": True}  # field metadata read by the config validator: zero and negatives are refused
+# Field metadata read by the config validator (vlm_hpc.config.bounded): the range each setting must be in.
+_POSITIVE = {"above": 0}
 
 
 @dataclass
@@ -29,8 +30,8 @@ class GenerationSettings:
     """
 
     do_sample: bool = True
-    temperature: float = 0.6
-    top_p: float = 0.7
+    temperature: float = field(default=0.6, metadata={"above": 0, "when": "do_sample"})  # unused when greedy
+    top_p: float = field(default=0.7, metadata={"above": 0, "at_most": 1})
     max_new_tokens: int = field(default=168, metadata=_POSITIVE)
     num_beams: int = field(default=1, metadata=_POSITIVE)
     seed: int = 0
@@ -62,6 +63,12 @@ class EngineOutOfMemory(Exception):
 
 class Engine(ABC):
     """A loaded model that captions batches of tiled images."""
+
+    @classmethod
+    def check_device(cls, config: RunConfig) -> None:
+        """Refuse, with one VlmHpcError line, a device the config asks for that this node does not have; run
+        before a slice's lease is taken and before any weights load."""
+        return None  # an engine without a device of its own has nothing to check
 
     @classmethod
     @abstractmethod

@@ -9,6 +9,7 @@ their tiles at once.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from transformers import GenerationConfig, InternVLForConditionalGeneration, Sto
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlm_hpc.engines.base import Caption, Engine, EngineOutOfMemory, GenerationSettings, MemoryCosts
+from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.internvl.loading import inspect_model_folder, load_model
 from vlm_hpc.internvl.prompt import CAPTION_QUESTION, STOP_TOKEN, build_prompt
 from vlm_hpc.internvl.tokenizer import InternLM2Tokenizer, load_tokenizer
@@ -92,6 +94,20 @@ def memory_costs(model: InternVLForConditionalGeneration, tokens_per_tile: int, 
                        vision_workspace_bytes=int(workspace))
 
 
+def missing_device(device: str | torch.device) -> str | None:
+    """Why `device` cannot be used on this node (a CUDA device with no GPU, no driver, a CPU-only torch, or an
+    index beyond its GPUs), or None; asked before loading, instead of torch's error from inside the model load."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return f"this node ({platform.node()}) has no CUDA device (torch {torch.__version__})"
+    if device.index is not None and device.index >= count:
+        return f"this node ({platform.node()}) has {count} CUDA devices, cuda:0 to cuda:{count - 1}"
+    return None
+
+
 class _PollDuringGeneration(StoppingCriteria):
     """Runs a callback after every decoding step; the callback raises to abandon the batch."""
 
@@ -130,6 +146,9 @@ class TransformersEngine(Engine):
                     attn_implementation: str = "sdpa", vision_batch: int | None = None) -> TransformersEngine:
         """Load a model folder; `system_message` (prompt.system_message) overrides what the original takes
         from the folder (config.json's, else its conversation.py's)."""
+        if why := missing_device(device):
+            raise VlmHpcError(f"device {device}: {why}; run on a GPU node or use the CPU (model.device=cpu, "
+                              "caption --device cpu)")
         folder = inspect_model_folder(path)
         model = load_model(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)
         source = "prompt.system_message" if system_message else folder.system_message_source
@@ -137,6 +156,13 @@ class TransformersEngine(Engine):
                    system_message_source=source,
                    question=question, settings=settings, num_image_token=folder.num_image_token,
                    vision_batch=vision_batch)
+
+    @classmethod
+    def check_device(cls, config: RunConfig) -> None:
+        """model.device cuda on a node without CUDA is one line (auto falls back to the CPU)."""
+        if config.model.device != "auto" and (why := missing_device(config.model.device)):
+            raise VlmHpcError(f"model.device is {config.model.device}, but {why}; run on a GPU node, or set "
+                              "model.device=auto (the GPU where there is one) or model.device=cpu")
 
     @classmethod
     def from_config(cls, config: RunConfig) -> TransformersEngine:

@@ -17,9 +17,14 @@ from typing import Literal
 
 from vlm_hpc.errors import VlmHpcError
 from vlm_hpc.run.durable import write_json_atomic
+from vlm_hpc.run.failures import OutcomeCounts
 
 # What a slice's index records about it; `vlm_hpc.status` derives "stalled" and "corrupt" on top.
 CheckpointStatus = Literal["pending", "running", "stopped", "requeued", "done", "crashed"]
+
+# How the reason of a crash that resubmitting as it is would repeat begins (a VlmHpcError: the config, the model
+# folder, the data, the node's device, a corrupt index), in the index and in the slice log's "crashed: " line.
+WILL_CRASH_AGAIN = "will crash again until fixed"
 
 
 class CorruptCheckpoint(VlmHpcError):
@@ -71,13 +76,16 @@ class SliceCheckpoint:
     start: int
     stop: int
     done: list[list[int]] = field(default_factory=list)
-    captions: int = 0
-    failures: int = 0
+    captions: int = 0  # captioned rows, warned ones included (OutcomeCounts.captioned)
+    failures: int = 0  # failed rows (OutcomeCounts.failed)
+    warned_by_reason: dict[str, int] = field(default_factory=dict)  # ledger reasons of captioned rows
+    failed_by_reason: dict[str, int] = field(default_factory=dict)  # ledger reasons of failed rows
     captions_offset: int = 0  # output-format state: committed size of the slice's jsonl file (only jsonl uses it)
     failures_offset: int = 0  # committed size of the failure ledger
     sample_images: int = 0
     status: CheckpointStatus = "pending"
     stop_reason: str | None = None
+    will_crash_again: bool = False  # crashed on an error a resubmission repeats: fix it first (WILL_CRASH_AGAIN)
     attempts: int = 0
     started_at: float | None = None
     rows_at_start: int = 0  # finished rows when the current attempt started (for its rate)
@@ -96,6 +104,15 @@ class SliceCheckpoint:
     @property
     def complete(self) -> bool:
         return self.finished_rows >= self.total
+
+    def outcomes(self) -> OutcomeCounts:
+        """The committed rows by outcome (an index written before reasons were counted has none by reason)."""
+        return OutcomeCounts(self.captions, self.failures, dict(self.warned_by_reason), dict(self.failed_by_reason))
+
+    def set_outcomes(self, counts: OutcomeCounts) -> None:
+        """Record `counts` as the committed rows' outcomes."""
+        self.captions, self.failures = counts.captioned, counts.failed
+        self.warned_by_reason, self.failed_by_reason = dict(counts.warned_by_reason), dict(counts.failed_by_reason)
 
     def is_done(self, row: int) -> bool:
         return any(a <= row < b for a, b in self.done)
@@ -165,13 +182,15 @@ class SliceCheckpoint:
                 raise ValueError(f"output-format state {name!r} is not an index field of {_OUTPUT_STATE_FIELDS}")
             setattr(self, name, value)
 
-    def commit(self, path: Path, rows: list[int], captions: int, failures: int, output_state: Mapping[str, int],
+    def commit(self, path: Path, rows: list[int], outcomes: OutcomeCounts, output_state: Mapping[str, int],
                failures_offset: int, samples: int, seconds: float) -> None:
-        """Mark rows finished and record the output format's new state and the ledger's size, atomically."""
+        """Mark rows finished with their `outcomes`, and record the output format's new state and the ledger's size,
+        atomically."""
         for start, stop in _runs(rows):
             self.done = add_interval(self.done, start, stop)
-        self.captions += captions
-        self.failures += failures
+        total = self.outcomes()
+        total.merge(outcomes)
+        self.set_outcomes(total)
         self.record_output_state(output_state)
         self.failures_offset = failures_offset
         self.sample_images += samples
@@ -189,6 +208,9 @@ def _has_type(value: object, expected: tuple[str, tuple[type, ...]]) -> bool:
             for pair in value)
     if name == "a list of objects":
         return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+    if name == _COUNTS[0]:
+        return isinstance(value, dict) and all(
+            isinstance(count, int) and not isinstance(count, bool) and count >= 0 for count in value.values())
     return isinstance(value, types)
 
 
@@ -196,10 +218,13 @@ _OUTPUT_STATE_FIELDS = ("captions_offset",)  # the fields an output format may o
 _INT = ("an integer", (int,))
 _NUMBER = ("a number", (int, float))
 _OPTIONAL_NUMBER = ("a number or null", (int, float, type(None)))
+_COUNTS = ("an object of reasons and row counts", (dict,))
 _FIELD_TYPES: dict[str, tuple[str, tuple[type, ...]]] = {
     "slice": _INT, "num_slices": _INT, "start": _INT, "stop": _INT, "done": ("a list of [start, stop] pairs", (list,)),
-    "captions": _INT, "failures": _INT, "captions_offset": _INT, "failures_offset": _INT, "sample_images": _INT,
-    "status": ("a string", (str,)), "stop_reason": ("a string or null", (str, type(None))), "attempts": _INT,
+    "captions": _INT, "failures": _INT, "warned_by_reason": _COUNTS, "failed_by_reason": _COUNTS,
+    "captions_offset": _INT, "failures_offset": _INT, "sample_images": _INT,
+    "status": ("a string", (str,)), "stop_reason": ("a string or null", (str, type(None))),
+    "will_crash_again": ("true or false", (bool,)), "attempts": _INT,
     "started_at": _OPTIONAL_NUMBER, "rows_at_start": _INT, "updated_at": _OPTIONAL_NUMBER,
     "compute_seconds": _NUMBER, "repairs": ("a list of objects", (list,)),
 }

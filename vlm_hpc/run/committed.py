@@ -10,12 +10,13 @@ range, so that a report names exactly what was lost.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vlm_hpc.run.checkpoint import SliceCheckpoint
+from vlm_hpc.run.failures import OutcomeCounts, outcome_of
 
 if TYPE_CHECKING:  # the output formats build on this module's scans
     from vlm_hpc.run.outputs.base import CommittedCaptions, OutputFormat, SliceKeys
@@ -25,7 +26,8 @@ RecordCheck = Callable[[object], "str | None"]
 
 
 def ledger_line_problem(record: object) -> str | None:
-    """What is wrong with a failure-ledger record `{"row", "key", "reason", "detail", "captioned", "time"}`."""
+    """What is wrong with a failure-ledger record `{"row", "key", "outcome", "reason", "detail", "captioned",
+    "time"}` ("outcome" is absent from ledgers written before it was)."""
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an object"
     if not is_row(record.get("row")):
@@ -34,6 +36,8 @@ def ledger_line_problem(record: object) -> str | None:
         return "reason is missing or not a string"
     if not isinstance(record.get("captioned"), bool):
         return "captioned is missing or not true/false"
+    if "outcome" in record and record["outcome"] != outcome_of(record["captioned"], record["reason"]):
+        return f"outcome {record['outcome']!r:.40} disagrees with captioned {str(record['captioned']).lower()}"
     if not isinstance(record.get("key"), (str, type(None))):
         return "key is not a string"
     return None
@@ -148,6 +152,21 @@ class SliceOutputs:
     def captioned(self) -> set[int]:
         """Rows with an intact caption."""
         return self.captions.rows
+
+    def outcomes(self, rows: Iterable[int]) -> OutcomeCounts:
+        """`rows` by outcome, as the worker counted them when it committed them: a caption, with the reason of
+        its ledger line if that says captioned (a warning), or a failure with its reason."""
+        counts = OutcomeCounts()
+        for row in rows:
+            line = self.ledger_lines.get(row)
+            reason = line.record["reason"] if line is not None else None
+            if row in self.captioned:
+                # A ledger line saying "not captioned" beside a caption is no warning: the caption is what counts.
+                warning = reason if line is not None and line.record["captioned"] else None
+                counts.add(outcome_of(True, warning), warning)
+            elif row in self.failed:
+                counts.add("failed", reason)
+        return counts
 
 
 def read_slice_outputs(output: OutputFormat, rows: SliceKeys, checkpoint: SliceCheckpoint | None) -> SliceOutputs:

@@ -119,8 +119,7 @@ def repair_on_resume(output: OutputFormat, checkpoint: SliceCheckpoint, keys: Ca
     if lost:  # the slice is no longer complete
         layout.end_marker(slice_id).unlink(missing_ok=True)
     checkpoint.done = intervals_of(kept)
-    checkpoint.captions = len(outputs.captioned & kept)
-    checkpoint.failures = len(outputs.failed & kept)
+    checkpoint.set_outcomes(outputs.outcomes(kept))
     if appended is not None:
         checkpoint.record_output_state(output.appended_state(sizes[appended.path]))
     checkpoint.failures_offset = sizes[outputs.ledger.path]
@@ -146,9 +145,9 @@ def rebuild_checkpoint(output: OutputFormat, num_slices: int, start: int, keys: 
     repair = {"time": time.time(), "file": str(layout.checkpoint_file(slice_id).relative_to(layout.root)),
               "found": why, "damage": damage[:20], "rows_done": intervals_of(done)}
     checkpoint = SliceCheckpoint(slice=slice_id, num_slices=num_slices, start=start, stop=start + len(keys),
-                                 done=intervals_of(done), captions=len(outputs.captioned),
-                                 failures=len(outputs.failed), failures_offset=failures_offset, status="stopped",
+                                 done=intervals_of(done), failures_offset=failures_offset, status="stopped",
                                  stop_reason="index rebuilt by verify --repair", repairs=[repair])
+    checkpoint.set_outcomes(outputs.outcomes(done))
     checkpoint.record_output_state(output_state)
     if checkpoint.complete:  # as the worker would have finished it
         checkpoint.status = "done"

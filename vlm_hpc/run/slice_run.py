@@ -16,6 +16,7 @@ import logging
 import math
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,13 +25,13 @@ from typing import Literal
 from vlm_hpc import __version__
 from vlm_hpc.cluster.environment import JobEnvironment
 from vlm_hpc.config import RunConfig
-from vlm_hpc.engines import load_engine
+from vlm_hpc.engines import engine_class, load_engine
 from vlm_hpc.engines.base import Caption, Engine, EngineOutOfMemory, GenerationSettings
 from vlm_hpc.errors import VlmHpcError, io_error_line, io_problem
 from vlm_hpc.internvl.loading import inspect_model_folder, model_fingerprint
 from vlm_hpc.preprocess.resampling import resampler
 from vlm_hpc.run.batching import BatchLimits, BatchPlanner, memory_tile_budget, split_windows
-from vlm_hpc.run.checkpoint import SliceCheckpoint
+from vlm_hpc.run.checkpoint import WILL_CRASH_AGAIN, SliceCheckpoint
 from vlm_hpc.run.durable import remove_stale_temporaries, write_atomic
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import LeaseLost, SliceLease
@@ -73,6 +74,10 @@ class _SliceLogFile(logging.FileHandler):
         pass
 
 
+# `extra` of a log record for the slice's log file alone: the command prints that error (or traceback) itself.
+FILE_ONLY = {"file_only": True}
+
+
 def _setup_logging(layout: OutputLayout, slice_id: int) -> logging.Logger:
     layout.logs_dir.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger(f"vlm_hpc.slice{slice_id}")
@@ -80,10 +85,38 @@ def _setup_logging(layout: OutputLayout, slice_id: int) -> logging.Logger:
     logger.setLevel(logging.INFO)
     logger.propagate = False
     formatter = logging.Formatter("%(asctime)s slice %(slice)s | %(message)s".replace("%(slice)s", str(slice_id)))
-    for handler in (_SliceLogFile(layout.log_file(slice_id), mode="a"), logging.StreamHandler(sys.stderr)):
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.addFilter(lambda record: not getattr(record, "file_only", False))
+    for handler in (_SliceLogFile(layout.log_file(slice_id), mode="a"), stderr):
         handler.setFormatter(formatter)
         logger.addHandler(handler)
     return logger
+
+
+def exception_line(exc: BaseException) -> str:
+    """The line that says what went wrong, "Type: message"; for an error that carries a traceback in its message
+    (a DataLoader worker's, re-raised in the main process), that traceback's last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if any("Traceback (most recent call last)" in line for line in lines):
+        return lines[-1]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def crash_reason(exc: BaseException, root: Path) -> tuple[str, bool]:
+    """A crash's reason for the index, the log and status, and whether resubmitting as it is would crash again:
+    a VlmHpcError is the user's input (config, model folder, data, device, a corrupt index) and stays until fixed;
+    an I/O error names its path ("disk full (ENOSPC) on PATH"); anything else is its exception line."""
+    if isinstance(exc, OSError):
+        return f"{io_problem(exc)} on {exc.filename2 or exc.filename or root}"[:500], False
+    if isinstance(exc, VlmHpcError):
+        return f"{WILL_CRASH_AGAIN}: {exc}"[:500], True
+    return exception_line(exc)[:500], False
+
+
+def log_crash(log: logging.Logger, reason: str, exc: BaseException) -> None:
+    """The slice log's record of a crash, the "crashed: " line status reads, with the traceback below it unless
+    the error is a VlmHpcError (its one line says it all); to the log file only, as the command reports it."""
+    log.info(f"crashed: {reason}", exc_info=None if isinstance(exc, VlmHpcError) else exc, extra=FILE_ONLY)
 
 
 class Progress:
@@ -203,11 +236,21 @@ class SliceRun:
     @classmethod
     def start(cls, config: RunConfig, slice_id: int, count: int, engine_factory: EngineFactory,
               stop_request: StopRequest | None, accept_changes: bool) -> SliceRun:
-        """Check the inputs and the manifest (before any model is loaded), open the slice's log, take its lease
-        and start the heartbeat."""
-        rows, layout, pins = check_inputs(config, slice_id, count)
-        check = ensure_manifest(layout, rows, config, count, pins, slice_id=slice_id, accept_changes=accept_changes)
-        log = _setup_logging(layout, slice_id)
+        """Check the inputs, the manifest and the device (before any model is loaded), open the slice's log, take
+        its lease and start the heartbeat. A refusal is logged as the slice's crash in a run's folder (one with a
+        manifest: an array task of a submitted run); a first start refused before that writes nothing there."""
+        layout = OutputLayout(Path(config.output.dir))
+        log = _setup_logging(layout, slice_id) if layout.manifest_file.exists() else None
+        try:
+            rows, layout, pins = check_inputs(config, slice_id, count)
+            check = ensure_manifest(layout, rows, config, count, pins, slice_id=slice_id,
+                                    accept_changes=accept_changes)
+            log = log or _setup_logging(layout, slice_id)
+            engine_class(config.model.engine).check_device(config)
+        except Exception as exc:
+            if log is not None:
+                log_crash(log, crash_reason(exc, layout.root)[0], exc)
+            raise
         for note in check.notes:
             log.info(f"manifest: {note}")
         environment = JobEnvironment.current()
@@ -242,7 +285,7 @@ class SliceRun:
             self.log.info(f"stopping: {exc}; nothing more is written by this worker")
             return SliceOutcome("stopped", "lease_lost", self.state)
         except BaseException as exc:
-            if self.state is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 self.record_crash(exc)
             raise
         finally:
@@ -265,7 +308,7 @@ class SliceRun:
             self.writer.recover(state)
             write_atomic(self.layout.reserve_file(self.slice_id), bytes(CRASH_RESERVE_BYTES))
         state.attempts += 1
-        state.status, state.stop_reason, state.started_at = "running", None, time.time()
+        state.status, state.stop_reason, state.will_crash_again, state.started_at = "running", None, False, time.time()
         state.rows_at_start = state.finished_rows
         self.writer.save_checkpoint(state)
         self.log.info(f"start: rows [{self.first_row}, {self.end_row}) of {self.rows.num_rows}, "
@@ -296,7 +339,13 @@ class SliceRun:
         loader = batch_loader(SliceBatches(self.rows, windows, self.config, self.check.manifest, stride),
                               self.config.worker, pin_memory=engine.pins_tiles)
         batches = BatchLoop(self, engine, BatchPlanner(limits, _tile_count), Progress(state.finished_rows, state.total))
-        batches.run(loader)
+        try:
+            batches.run(loader)
+        except BaseException as exc:
+            # The loader's iterator lives on in the traceback's frames, and with it its processes, which ignore the
+            # SIGTERM that multiprocessing sends them at exit, where this process would wait for them forever.
+            traceback.clear_frames(exc.__traceback__)
+            raise
         batches.commit()
         if self.lease.lost.is_set():
             raise LeaseLost(self.lease.lost_reason or "the slice lease was lost")
@@ -338,7 +387,7 @@ class SliceRun:
         if status == "done":
             self.writer.write_fenced(self.layout.end_marker(self.slice_id),
                                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-            self.log.info(f"done: {state.captions} captions, {state.failures} failures")
+            self.log.info(f"done: {state.outcomes().describe()}")
         else:
             self.log.info(f"{status} ({reason}) with {state.finished_rows}/{state.total} rows done")
         if reason == "kill_file":
@@ -358,17 +407,17 @@ class SliceRun:
         self.log.info(f"kill file obeyed: {kill.name} renamed to {obeyed.name}; submit again to resume")
 
     def record_crash(self, exc: BaseException) -> None:
-        """Mark the slice crashed with a short reason ("disk full (ENOSPC) on PATH") where the index can still be
-        written; the log line stays the record where it cannot."""
-        state = self.state
-        if isinstance(exc, OSError):
-            reason = f"{io_problem(exc)} on {exc.filename2 or exc.filename or self.layout.root}"
-        else:
-            reason = f"{type(exc).__name__}: {exc}"
-        state.status, state.stop_reason = "crashed", reason[:500]
+        """Log the crash with its reason (crash_reason) and traceback, and mark the slice crashed in its index
+        where that can still be written (it is read by `resume`, which a corrupt index stops before); the log
+        line stays the record where it cannot."""
+        reason, again = crash_reason(exc, self.layout.root)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            self.layout.reserve_file(state.slice).unlink(missing_ok=True)  # the room to write what follows
-        self.log.info(f"crashed: {state.stop_reason}")
+            self.layout.reserve_file(self.slice_id).unlink(missing_ok=True)  # the room to write what follows
+        log_crash(self.log, reason, exc)
+        state = self.state
+        if state is None:
+            return
+        state.status, state.stop_reason, state.will_crash_again = "crashed", reason, again
         try:
             self.writer.save_checkpoint(state)
         except (OSError, LeaseLost) as save_error:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from vlm_hpc.run.checkpoint import SliceCheckpoint
 from vlm_hpc.run.durable import append_durable, truncate_to, write_atomic, write_many_atomic
+from vlm_hpc.run.failures import Outcome, OutcomeCounts, outcome_of
 from vlm_hpc.run.layout import OutputLayout
 from vlm_hpc.run.lease import SliceLease
 from vlm_hpc.run.outputs.base import CaptionRecord, OutputFormat
@@ -35,9 +36,14 @@ class RowOutcome:
     detail: str = ""
     sample: tuple[bytes, str] | None = None  # (original bytes, file extension) for the sample folder
 
+    @property
+    def outcome(self) -> Outcome:
+        return outcome_of(self.vlm_caption is not None, self.failure)
+
     def ledger_line(self) -> dict:
-        return {"row": self.row, "key": self.key, "reason": self.failure, "detail": self.detail,
-                "captioned": self.vlm_caption is not None, "time": time.time()}
+        """The row's failure-ledger record ("captioned" is what readers go by; "outcome" says it in words)."""
+        return {"row": self.row, "key": self.key, "outcome": self.outcome, "reason": self.failure,
+                "detail": self.detail, "captioned": self.vlm_caption is not None, "time": time.time()}
 
 
 class SliceWriter:
@@ -88,8 +94,10 @@ class SliceWriter:
         if ledger:
             text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in ledger)
             failures_offset = append_durable(self.layout.failures_file(self.slice_id), text.encode(), failures_offset)
+        counts = OutcomeCounts()
+        for o in outcomes:
+            counts.add(o.outcome, o.failure)
         self.lease.confirm()  # again right before the commit point (the lock makes it a formality)
-        checkpoint.commit(self.layout.checkpoint_file(self.slice_id), [o.row for o in outcomes],
-                          captions=len(captioned), failures=sum(o.vlm_caption is None for o in outcomes),
+        checkpoint.commit(self.layout.checkpoint_file(self.slice_id), [o.row for o in outcomes], counts,
                           output_state=staged.checkpoint_state, failures_offset=failures_offset,
                           samples=len(samples), seconds=seconds)

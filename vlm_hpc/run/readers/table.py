@@ -97,26 +97,43 @@ class TableReader(RowReader):
         column = self.config.caption_column
         return [None if c is None else str(c) for c in self.columns(start, stop, [column]).column(column).to_pylist()]
 
-    def check_columns(self, names: list[str], where: str | None = None) -> None:
-        """One error naming the first configured column that is not among `names` (of `where`: a shard; by
-        default the input), and the key to set."""
+    def check_columns(self, schema: pa.Schema, where: str | None = None) -> None:
+        """One error naming the first configured column that is not in `schema` (of `where`: a shard; by default
+        the input), or an image column that does not hold image bytes (text, numbers...: every row would fail as
+        missing), and the key to set."""
+        place = where or self.describe()
         for role in ("key_column", "image_column", "caption_column"):
             column = getattr(self.config, role)
-            if column not in names:
+            if column not in schema.names:
                 every = ("; every shard must have the columns data.key_column, data.image_column and "
                          "data.caption_column name") if where else ""
-                raise VlmHpcError(f"data: column {column!r} (data.{role}) is not in {where or self.describe()}; its "
-                                  f"columns are {', '.join(names)}; set data.{role}{every}")
+                raise VlmHpcError(f"data: column {column!r} (data.{role}) is not in {place}; its columns are "
+                                  f"{', '.join(schema.names)}; set data.{role}{every}")
+        image_type = schema.field(self.config.image_column).type
+        if not _holds_image_bytes(image_type):
+            binary = [f.name for f in schema if _holds_image_bytes(f.type)]
+            choices = f"its binary columns: {', '.join(binary)}" if binary else "it has no binary column"
+            raise VlmHpcError(f"data: column {self.config.image_column!r} (data.image_column) of {place} "
+                              f"holds Arrow type {image_type}, not image bytes; set data.image_column to a binary "
+                              f"column or a datasets Image feature ({choices})")
 
     def byte_lengths(self, column: pa.ChunkedArray) -> np.ndarray:
         """Each image's byte length (-1: none), from the Arrow offsets alone: no image byte is touched."""
-        if pa.types.is_struct(column.type) and column.type.get_field_index("bytes") >= 0:
-            column = pc.struct_field(column, "bytes")  # a datasets Image: {"bytes", "path"}
-        if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)
-                or pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            raise VlmHpcError(f"data: column {self.config.image_column!r} (data.image_column) holds {column.type}, "
-                              "not image bytes; set data.image_column to a binary column or a datasets Image feature")
+        if pa.types.is_struct(column.type):
+            column = pc.struct_field(column, "bytes")  # a datasets Image: {"bytes", "path"} (check_columns)
         return pc.binary_length(column).fill_null(-1).to_numpy().astype(np.int64, copy=False)
+
+
+def _is_binary(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type)
+
+
+def _holds_image_bytes(arrow_type: pa.DataType) -> bool:
+    """Raw bytes, or a datasets Image feature: a struct whose "bytes" field is binary."""
+    if pa.types.is_struct(arrow_type):
+        index = arrow_type.get_field_index("bytes")
+        return index >= 0 and _is_binary(arrow_type.field(index).type)
+    return _is_binary(arrow_type)
 
 
 class ShardedTableReader(TableReader):
@@ -178,7 +195,7 @@ class ShardedTableReader(TableReader):
     def _describe_shard(self, path: Path, root: Path) -> Shard:
         rows = self._row_count(path)
         if rows:  # an empty shard holds no row that could miss a column
-            self.check_columns(self._column_names(path), None if self.single else f"shard {path}")
+            self.check_columns(self._schema(path), None if self.single else f"shard {path}")
         return stat_shard(path, root, rows)
 
     def opened(self, index: int) -> Any:
