@@ -169,7 +169,9 @@ def test_submit_status_verify_the_index_and_the_ledger_count_outcomes_alike(gold
     second = "5 captioned, 2 failed (1 duplicate_key, 1 missing_key)"
     total = ("9 captioned (1 with a warning: truncated), 6 failed (1 duplicate_key, 1 empty, 1 missing, 1 missing_key, "
              "1 too_many_pixels, 1 undecodable)")
-    assert submitted[-3:] == [f"slice 0: done: {first}", f"slice 1: done: {second}", f"total: {total}"], submitted
+    assert submitted[-5:-3] == [f"slice 0: done: {first}", f"slice 1: done: {second}"], submitted
+    assert re.fullmatch(rf"finished in \d\d:\d\d:\d\d: 15/15 rows \(100\.0%\): {re.escape(total)}; slices: 2 done",
+                        submitted[-3]), submitted
     for slice_id, line in enumerate((first, second)):
         assert f"| done: {line}\n" in (output / "logs" / f"slice_{slice_id:05d}.log").read_text()
         assert slice_state(output, slice_id)["warned_by_reason"] == ({"truncated": 1} if slice_id == 0 else {})
