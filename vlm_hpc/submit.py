@@ -39,6 +39,7 @@ from vlm_hpc.run.repair import repair_command
 from vlm_hpc.run.slice_run import check_inputs, run_slice
 from vlm_hpc.run.stop import StopRequest, resend_time_limit_warning
 from vlm_hpc.run.submissions import SubmitCommand, command_of, record_submission
+from vlm_hpc.status import collect, overall_line
 
 
 class SliceJob(submitit.helpers.Checkpointable):
@@ -310,8 +311,6 @@ def _choose_cluster(asked: str | None, retry_locally: str) -> str:
 def wait_for_jobs(jobs: list, output: Path, started: float, every_s: float = 10.0) -> int:
     """Print a progress line over the whole run until every job has ended, then each slice's outcome and a
     closing summary; the exit code: 0 when every job finished, 1 otherwise."""
-    from vlm_hpc.status import collect, overall_line  # status imports submit's siblings, not submit
-
     last = 0.0
     while not all(job.done() for job in jobs):
         if time.monotonic() - last >= every_s:
